@@ -1,0 +1,3 @@
+from sashimi.cli import main
+
+raise SystemExit(main())

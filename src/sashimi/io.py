@@ -1,0 +1,85 @@
+"""Atomic file writes and audio I/O (soundfile; never torchaudio.load/save)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from sashimi.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write to a temp file beside `path`, fsync, then rename over it.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read any soundfile-readable audio; return (float32 mono (L,), sample rate)."""
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise UserError(f"{path}: cannot read audio ({str(e).splitlines()[0]})") from None
+    if audio.shape[0] == 0:
+        raise UserError(f"{path}: audio file has no samples")
+    return audio.mean(axis=1).astype(np.float32), int(sr)  # (L, C) -> (L,)
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> None:
+    """Write float audio in [-1, 1] as 16-bit PCM wav, atomically."""
+    import soundfile as sf
+
+    audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    with atomic_write(path, "wb") as f:
+        sf.write(f, audio, sr, format="WAV", subtype="PCM_16")
