@@ -49,8 +49,6 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
             module = _load(name)
             if module is not None:
                 module.configure_parser(p)
-            else:
-                p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -58,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if a in VERBS), None)
     parser = build_parser(verb)
-    args = parser.parse_args(argv)
+    if verb is not None and _load(verb) is None:
+        args, _ = parser.parse_known_args(argv)  # an unbuilt verb: say so below, whatever its args
+    else:
+        args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()
         return 0

@@ -32,6 +32,7 @@ from sashimi.errors import UserError
 
 __all__ = [
     "fid",
+    "fid_from_stats",
     "inception_score",
     "modified_inception_score",
     "modified_inception_score_exact",
@@ -96,12 +97,17 @@ def fid(feat_gen: np.ndarray, feat_ref: np.ndarray) -> float:
     mu_g, mu_r = feat_gen.mean(axis=0), feat_ref.mean(axis=0)  # (d,)
     S_g = np.atleast_2d(np.cov(feat_gen, rowvar=False))  # (d, d), ddof 1
     S_r = np.atleast_2d(np.cov(feat_ref, rowvar=False))  # (d, d)
+    return fid_from_stats(mu_g, S_g, mu_r, S_r)
+
+
+def fid_from_stats(mu_g: np.ndarray, S_g: np.ndarray, mu_r: np.ndarray, S_r: np.ndarray) -> float:
+    """FID from means (d,) and covariances (d, d) (lets reference statistics be cached)."""
     covmean = scipy.linalg.sqrtm(S_r @ S_g)  # (d, d), possibly complex
     if not np.all(np.isfinite(covmean)):
         offset = FID_EPS * np.eye(S_g.shape[0])
         covmean = scipy.linalg.sqrtm((S_r + offset) @ (S_g + offset))
     covmean = np.real(covmean)
-    diff = mu_g - mu_r
+    diff = mu_g - mu_r  # (d,)
     return float(diff @ diff + np.trace(S_g) + np.trace(S_r) - 2.0 * np.trace(covmean))
 
 

@@ -1,0 +1,368 @@
+"""`sashimi bench {train,generate,sample}`: speed benchmarks that print ONE JSON line.
+
+    sashimi bench train    --model sashimi --batch 2 --length 16000 [--steps 3] [--naive]
+    sashimi bench generate --model sashimi --batch 16 --steps 2000 [--naive]
+    sashimi bench sample   --model diffwave --backbone sashimi --batch 1 --length 16000 --fast-steps 50
+
+Models are built at the paper's sizes (SaShiMi: the SC09 model, 8 layers, d_model 64,
+GLU; WaveNet: 4 x 10 layers, 64 residual/dilation, skip 1024, end 512; SampleRNN: the
+3-tier [8, 2, 2] model; DiffWave: the paper's backbones), with random weights and
+synthetic tokens; `--model-kwargs '{"n_layers": 2}'` overrides sizes.
+
+`--naive` also times the slow, obviously-correct reference in the same process:
+- train, SaShiMi: the same weights with the S4 kernel backend "naive" (the official
+  materialised Cauchy kernel);
+- generate, SaShiMi: the official-style step (eager, S4 "dense" state, nothing
+  compiled) if the S4 layer offers it, else recomputing the convolutional forward over
+  the whole prefix every step; WaveNet: recomputing its causal conv over the receptive
+  field every step (vs. the activation-queue step).
+Then `naive_seconds_per_step` and `speedup` are reported too.
+
+Output keys: seconds_per_step, peak_rss_mb (the process's peak resident set so far),
+params, device, model, batch, length | steps, threads, and for generation
+realtime_factor = seconds of 16 kHz audio produced per wall-clock second (all clips).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sashimi.errors import UserError
+
+SAMPLE_RATE = 16000
+
+# Paper-size constructor kwargs per registered model (None: the class defaults are the paper's).
+PAPER_KWARGS: dict[str, dict] = {
+    "sashimi": dict(d_model=64, n_layers=8, pool=[4, 4], expand=2, ff=2, glu=True),
+    "wavenet": dict(layers=10, blocks=4, residual_channels=64, dilation_channels=64,
+                    skip_channels=1024, end_channels=512),  # fmt: skip
+    "samplernn": dict(frame_sizes=[8, 2, 2], n_rnn=1, d_hidden=1024, d_model=256),
+    "diffwave": dict(backbone="wavenet"),
+}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], n: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of each of `n` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _build(name: str, kwargs_json: str | None, device: torch.device, **extra) -> torch.nn.Module:
+    from sashimi.models import MODELS, build_model
+
+    if name not in MODELS:
+        raise UserError(f"bench: unknown model {name!r} (known: {', '.join(MODELS)})")
+    kwargs = dict(PAPER_KWARGS.get(name, {}))
+    if kwargs_json:
+        try:
+            over = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise UserError(f"bench: --model-kwargs is not valid JSON ({e.msg})") from None
+        if not isinstance(over, dict):
+            raise UserError("bench: --model-kwargs must be a JSON object")
+        kwargs.update(over)
+    kwargs.update(extra)
+    torch.manual_seed(0)
+    return build_model(name, **kwargs).to(device)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device(arg: str) -> torch.device:
+    if arg == "cuda" and not torch.cuda.is_available():
+        raise UserError("bench: --device cuda but CUDA is not available")
+    return torch.device(arg)
+
+
+def _autocast(args, device: torch.device):
+    if args.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _emit(result: dict, out: str | None) -> None:
+    line = json.dumps(result, sort_keys=False)
+    print(line, flush=True)
+    if out:
+        from sashimi.io import write_json
+
+        write_json(out, result)
+
+
+def _common(args, device: torch.device, model_name: str) -> dict:
+    return {
+        "model": model_name,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _train_step_fn(model, args, device) -> Callable[[], float]:
+    context = int(getattr(model, "context", 0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, context + args.length), generator=g).to(device)  # (B, ctx + L)
+    y = torch.randint(0, 256, (args.batch, args.length), generator=g).to(device)  # (B, L)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(args, device):
+            logits = model(x)  # (B, L, 256)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def bench_train(args) -> dict:
+    device = _device(args.device)
+    model = _build(args.model, args.model_kwargs, device)
+    res = _common(args, device, args.model)
+    res.update(batch=args.batch, length=args.length, params=_n_params(model))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _time(_train_step_fn(model, args, device), args.steps, args.warmup, device)
+    res.update(seconds_per_step=statistics.median(times), seconds_all=[round(t, 4) for t in times],
+               peak_rss_mb=round(peak_rss_mb(), 1))  # fmt: skip
+    if device.type == "cuda":
+        res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if args.naive:
+        if args.model != "sashimi":
+            raise UserError(f"bench train --naive: no naive reference for {args.model!r} (only sashimi)")
+        naive = _build(args.model, args.model_kwargs, device, backend="naive")
+        naive.load_state_dict(model.state_dict())
+        del model
+        ntimes = _time(_train_step_fn(naive, args, device), args.naive_steps, 0, device)
+        res.update(naive_seconds_per_step=statistics.median(ntimes), naive_seconds_all=[round(t, 3) for t in ntimes],
+                   naive_peak_rss_mb=round(peak_rss_mb(), 1))  # fmt: skip
+        res["speedup"] = round(res["naive_seconds_per_step"] / res["seconds_per_step"], 2)
+    return res
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def _sample_tokens(logits, g) -> torch.Tensor:
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, 256)
+    return torch.multinomial(probs, 1, generator=g).squeeze(-1)  # (B,)
+
+
+def _generate_loop(step: Callable, state, batch: int, n: int, device) -> tuple[Callable[[], None], list]:
+    """A closure running n autoregressive steps (sampling included) from the carried state."""
+    g = torch.Generator(device=device).manual_seed(0)
+    box = [torch.full((batch,), 128, dtype=torch.long, device=device), state]
+
+    def run() -> None:
+        tok, st = box
+        for _ in range(n):
+            logits, st = step(tok, st)
+            tok = _sample_tokens(logits, g)
+        box[0], box[1] = tok, st
+
+    return run, box
+
+
+def _prefix_step(model) -> tuple[Callable, Callable]:
+    """Naive AR step for a model with no state: recompute forward over the whole prefix."""
+    context = int(getattr(model, "context", 0))
+
+    def default_state(batch: int, device=None):
+        return torch.full((batch, context), 128, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def step(token, tokens):
+        tokens = torch.cat([tokens, token[:, None]], 1)  # (B, ctx + t + 1)
+        return model(tokens)[:, -1], tokens
+
+    return default_state, step
+
+
+def bench_generate(args) -> dict:
+    device = _device(args.device)
+    model = _build(args.model, args.model_kwargs, device).eval()
+    res = _common(args, device, args.model)
+    res.update(batch=args.batch, steps=args.steps, params=_n_params(model))
+
+    compile_ = args.compile and args.model == "sashimi"
+    if args.model == "sashimi":
+        model.setup_step(compile=compile_)
+    else:
+        model.setup_step()
+    res["compiled"] = bool(compile_)
+    # warm-up: enough steps to run every pooled stage at least twice (compiles them)
+    warm = args.warmup if args.warmup is not None else (64 if compile_ else 16)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run, _ = _generate_loop(model.step, model.default_state(args.batch, device=device), args.batch, warm, device)
+        run()
+        _sync(device)
+    res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    run, _ = _generate_loop(model.step, model.default_state(args.batch, device=device), args.batch, args.steps, device)
+    with torch.no_grad():
+        (elapsed,) = _time(run, 1, 0, device)
+    res.update(seconds_per_step=elapsed / args.steps, peak_rss_mb=round(peak_rss_mb(), 1),
+               realtime_factor=round(args.batch * args.steps / SAMPLE_RATE / elapsed, 4))  # fmt: skip
+
+    if args.naive:
+        nsteps = args.naive_steps or args.steps
+        if args.model == "sashimi" and _has_dense_step(model):
+            res["naive"] = "official-style eager step, S4 dense state"
+            model.setup_step(compile=False, s4_mode="dense")
+            default_state, step = model.default_state, model.step
+        elif args.model == "wavenet":
+            res["naive"] = "recompute the causal conv over the receptive field"
+            default_state, step = model.default_state_naive, model.step_naive
+        elif args.model == "sashimi":
+            res["naive"] = "recompute the conv forward over the whole prefix"
+            default_state, step = _prefix_step(model)
+        else:
+            raise UserError(f"bench generate --naive: no naive reference for {args.model!r}")
+        run, _ = _generate_loop(step, default_state(args.batch, device=device), args.batch, nsteps, device)
+        with torch.no_grad():
+            (nelapsed,) = _time(run, 1, 0, device)
+        res.update(naive_steps=nsteps, naive_seconds_per_step=nelapsed / nsteps,
+                   speedup=round(nelapsed / nsteps / res["seconds_per_step"], 2))  # fmt: skip
+    return res
+
+
+def _has_dense_step(model) -> bool:
+    import inspect
+
+    from sashimi.ssm.s4 import S4Block
+
+    return "s4_mode" in inspect.signature(model.setup_step).parameters and (
+        "mode" in inspect.signature(S4Block.setup_step).parameters
+    )
+
+
+# ---------------------------------------------------------------------------- sample (diffusion)
+
+
+def bench_sample(args) -> dict:
+    if args.model != "diffwave":
+        raise UserError(f"bench sample: --model must be 'diffwave' (got {args.model!r})")
+    from sashimi.models.diffwave import sample_ancestral, sample_fast
+
+    device = _device(args.device)
+    model = _build(args.model, args.model_kwargs, device, backbone=args.backbone).eval()
+    res = _common(args, device, f"diffwave-{args.backbone}")
+    res.update(batch=args.batch, length=args.length, params=_n_params(model), fast_steps=args.fast_steps)
+    T = int(model.T)
+    g = torch.Generator(device=device)
+
+    def timed(fn) -> float:
+        with _autocast(args, device):
+            (t,) = _time(fn, 1, 0, device)
+        return t
+
+    t_fast = timed(lambda: sample_fast(model, args.batch, args.length, args.fast_steps, generator=g.manual_seed(0)))
+    per_call = t_fast / args.fast_steps
+    if args.ancestral_estimate:
+        t_anc = per_call * T  # the sampler's own arithmetic is negligible next to a network call
+        res["ancestral_method"] = f"estimated: {T} x the fast sampler's seconds per network call"
+    else:
+        t_anc = timed(lambda: sample_ancestral(model, args.batch, args.length, generator=g.manual_seed(0)))
+        res["ancestral_method"] = "measured"
+    res.update(
+        seconds_per_clip_ancestral=t_anc / args.batch,
+        seconds_per_clip_fast=t_fast / args.batch,
+        seconds_per_network_call=per_call,
+        ancestral_steps=T,
+        speedup=round(t_anc / t_fast, 2),
+        realtime_factor_fast=round(args.batch * args.length / SAMPLE_RATE / t_fast, 4),
+        realtime_factor_ancestral=round(args.batch * args.length / SAMPLE_RATE / t_anc, 4),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+    )
+    res["seconds_per_step"] = per_call
+    return res
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+
+    def common(q: argparse.ArgumentParser, model_default: str) -> None:
+        q.add_argument("--model", default=model_default, help="registered model name")
+        q.add_argument("--model-kwargs", help="JSON object overriding the paper-size constructor kwargs")
+        q.add_argument("--batch", type=int, default=1)
+        q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        q.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+        q.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+        q.add_argument("--out", help="also write the JSON to this file")
+
+    t = sub.add_parser("train", help="seconds per AdamW training step on synthetic tokens")
+    common(t, "sashimi")
+    t.add_argument("--length", type=int, default=16000)
+    t.add_argument("--steps", type=int, default=3, help="timed steps")
+    t.add_argument("--warmup", type=int, default=1)
+    t.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
+                   help="also time the naive S4 kernel backend")  # fmt: skip
+    t.add_argument("--naive-steps", type=int, default=1)
+
+    g = sub.add_parser("generate", help="seconds per autoregressive step (sampling included)")
+    common(g, "sashimi")
+    g.add_argument("--steps", type=int, default=1000, help="timed steps")
+    g.add_argument("--warmup", type=int, help="untimed steps first (default 64 compiled, 16 eager)")
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="SaShiMi: eager stage steps instead of torch.compile")  # fmt: skip
+    g.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
+                   help="also time the naive step")  # fmt: skip
+    g.add_argument("--naive-steps", type=int, help="steps for the naive reference (default --steps)")
+
+    s = sub.add_parser("sample", help="seconds per clip: full ancestral vs fast diffusion sampler")
+    common(s, "diffwave")
+    s.add_argument("--backbone", default="wavenet", choices=["wavenet", "sashimi"])
+    s.add_argument("--length", type=int, default=SAMPLE_RATE)
+    s.add_argument("--fast-steps", type=int, default=50)
+    s.add_argument("--ancestral-estimate", action="store_true",
+                   help="estimate the full sampler from the fast one's seconds per network call")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fn = {"train": bench_train, "generate": bench_generate, "sample": bench_sample}[args.bench]
+    _emit(fn(args), args.out)
+    return 0

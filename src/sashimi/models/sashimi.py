@@ -1,0 +1,564 @@
+"""SaShiMi: a multi-scale S4 backbone for raw audio (Goel, Gu, Donahue, Re; ICML 2022).
+
+The version the paper's experiments used (see SPEC "SaShiMi backbone"):
+
+    tokens (B, L) -> Embedding(256, H)
+      level 0 (width H, length L):  skip x0 -> DownPool(stride 4) ->
+      level 1 (2H, L/4):            skip x1 -> DownPool(stride 4) ->
+      centre  (4H, L/16):           n_layers x [S4, FF] + skip
+      level 1: UpPool -> + x1 -> n_layers x [S4, FF] + skip from right after the UpPool
+      level 0: UpPool -> + x0 -> n_layers x [S4, FF] + skip from right after the UpPool
+    -> LayerNorm(H) -> Linear(H, 256) -> logits (B, L, 256)
+
+Every [S4] / [FF] is a prenorm residual block y = x + layer(norm(x)) with a scalar
+channel norm. The UpPool shifts its output right by one pooled step, so the model is
+causal and can be stepped: a DownPool buffers `stride` inputs and fires once per
+stride, an UpPool emits one of its buffered outputs per step, and the stages inside a
+pool run only when that pool fires (about 1 + 1/4 + 1/16 stages of work per sample).
+
+`unet=True` also puts n_layers [S4, FF] blocks before each DownPool, and every block
+output is a skip consumed by the mirrored up block (the DiffWave backbone layout).
+
+Tensors are (B, L, H) everywhere (channels last). Module and parameter names follow
+the official state-spaces `Sashimi` (d_layers / c_layers / u_layers, weight_g /
+weight_v), so `sashimi.import_checkpoint` only renames a few keys.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sashimi.errors import UserError
+from sashimi.ssm.s4 import S4Block
+
+# ---------------------------------------------------------------------------
+# building blocks (also used by the DiffWave backbone)
+# ---------------------------------------------------------------------------
+
+
+class WNLinear(nn.Module):
+    """Weight-normalised linear layer: W = g * v / ||v||, the norm taken per output row.
+
+    Parameters are named as by the legacy `torch.nn.utils.weight_norm(dim=0)`:
+    `weight_g` (d_out, 1), `weight_v` (d_out, d_in), `bias` (d_out,).
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        lin = nn.Linear(d_in, d_out, bias=bias)  # default PyTorch init, then g = ||v||
+        self.weight_v = nn.Parameter(lin.weight.detach().clone())  # (d_out, d_in)
+        self.weight_g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))  # (d_out, 1)
+        self.bias = nn.Parameter(lin.bias.detach().clone()) if bias else None  # (d_out,)
+
+    @property
+    def weight(self) -> Tensor:
+        v = self.weight_v
+        return self.weight_g * v / v.norm(dim=1, keepdim=True)  # (d_out, d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ChannelNorm(nn.Module):
+    """Channel norm with SCALAR learned shift m and scale s (official TransposedLN, scalar=True).
+
+    y = s / std(x) * (x - mean(x) + m), statistics over the channel (last) dim,
+    biased std, no epsilon.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros(1))
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., H) -> (..., H)
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)  # (..., 1)
+        return (x - mean + self.m) * (self.s / std)
+
+
+class FFBlock(nn.Module):
+    """Position-wise feed-forward: Linear(H, ff*H) -> GELU -> dropout -> Linear(ff*H, H).
+
+    `weight_norm=True` uses weight-normalised linears (the DiffWave+SaShiMi repo's FF).
+    """
+
+    def __init__(self, d_model: int, expand: int = 2, dropout: float = 0.0, weight_norm: bool = False):
+        super().__init__()
+        Lin = WNLinear if weight_norm else nn.Linear
+        self.linear1 = Lin(d_model, expand * d_model)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear2 = Lin(expand * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., H) -> (..., H)
+        return self.linear2(self.dropout(F.gelu(self.linear1(x))))
+
+    def setup_step(self) -> None:
+        pass
+
+    def default_state(self, batch: int, device=None) -> None:
+        return None
+
+    def step(self, x: Tensor, state: None = None) -> tuple[Tensor, None]:  # (B, H)
+        return self.forward(x), None
+
+
+class ResidualBlock(nn.Module):
+    """Prenorm residual block y = x + layer(norm(x)); `layer` is an S4Block or an FFBlock."""
+
+    def __init__(self, d_model: int, layer: nn.Module):
+        super().__init__()
+        self.d_model = d_model
+        self.norm = ChannelNorm()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
+        return x + self.layer(self.norm(x))
+
+    def setup_step(self) -> None:
+        if hasattr(self.layer, "setup_step"):
+            self.layer.setup_step()
+
+    def default_state(self, batch: int, device=None):
+        return self.layer.default_state(batch, device=device)
+
+    def step(self, x: Tensor, state) -> tuple[Tensor, object]:  # (B, H)
+        y, state = self.layer.step(self.norm(x), state)
+        return x + y, state
+
+
+class DownPool(nn.Module):
+    """Fold `stride` consecutive steps into channels, then a weight-normed Linear(H*s, H_out).
+
+    Input feature h*s + j of the linear is channel h at time l*s + j (official layout).
+    """
+
+    def __init__(self, d_input: int, d_output: int, stride: int):
+        super().__init__()
+        self.d_input, self.d_output, self.stride = d_input, d_output, stride
+        self.linear = WNLinear(d_input * stride, d_output)
+        self._w_step: Tensor | None = None
+
+    def _weight_time_major(self) -> Tensor:
+        """The weight with its input columns reordered to j*H + h, so a plain reshape of
+        (B, L/s, s, H) to (B, L/s, s*H) feeds it (no transpose of the activations)."""
+        H, s = self.d_input, self.stride
+        W = self.linear.weight  # (H_out, H*s), column h*s + j
+        return W.view(-1, H, s).transpose(1, 2).reshape(-1, s * H)  # (H_out, s*H), column j*H + h
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, H) -> (B, L/s, H_out)
+        B, L, H = x.shape
+        s = self.stride
+        if L % s:
+            raise UserError(f"DownPool: sequence length {L} is not divisible by the stride {s}")
+        x = x.reshape(B, L // s, s * H)  # feature j*H + h = x[:, l*s + j, h]
+        return F.linear(x, self._weight_time_major(), self.linear.bias)
+
+    def setup_step(self) -> None:
+        with torch.no_grad():
+            self._w_step = self._weight_time_major().detach().clone()
+
+    def fire(self, buffer: Sequence[Tensor]) -> Tensor:
+        """Step mode: `stride` buffered inputs [(B, H)] * s -> one output (B, H_out)."""
+        x = torch.cat(list(buffer), dim=-1)  # (B, s*H), feature j*H + h
+        return F.linear(x, self._w_step, self.linear.bias)
+
+
+class UpPool(nn.Module):
+    """Weight-normed Linear(H_in, H_out*s), then unfold channels into `stride` time steps.
+
+    Output feature h*s + j becomes channel h at time l*s + j. With `causal=True` the
+    output is shifted right by one pooled step (zeros first), so the output at time t
+    depends only on pooled inputs that have fully arrived before t.
+    """
+
+    def __init__(self, d_input: int, d_output: int, stride: int, causal: bool = True):
+        super().__init__()
+        self.d_input, self.d_output, self.stride, self.causal = d_input, d_output, stride, causal
+        self.linear = WNLinear(d_input, d_output * stride)
+        self._w_step: Tensor | None = None
+        self._b_step: Tensor | None = None
+
+    def _weight_time_major(self) -> tuple[Tensor, Tensor]:
+        """Weight rows and bias reordered to j*H_out + h (time-major), see DownPool."""
+        Ho, s = self.d_output, self.stride
+        W = self.linear.weight.view(Ho, s, -1).transpose(0, 1).reshape(s * Ho, -1)  # (s*Ho, H_in)
+        b = self.linear.bias.view(Ho, s).t().reshape(s * Ho)  # (s*Ho,)
+        return W, b
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L', H_in) -> (B, L'*s, H_out)
+        B, Lp, _ = x.shape
+        W, b = self._weight_time_major()
+        if self.causal:  # shift by one pooled step: output block l comes from input l-1
+            y = F.linear(x[:, :-1], W, b)  # (B, L'-1, s*Ho)
+            y = F.pad(y, (0, 0, 1, 0))  # (B, L', s*Ho), zeros first
+        else:
+            y = F.linear(x, W, b)  # (B, L', s*Ho)
+        return y.reshape(B, Lp * self.stride, self.d_output)  # time l*s + j, channel h
+
+    def setup_step(self) -> None:
+        with torch.no_grad():
+            W, b = self._weight_time_major()
+            self._w_step, self._b_step = W.detach().clone(), b.detach().clone()
+
+    def refill(self, x: Tensor) -> list[Tensor]:
+        """Step mode: one pooled input (B, H_in) -> the next `stride` outputs [(B, H_out)] * s."""
+        y = F.linear(x, self._w_step, self._b_step)  # (B, s*Ho), feature j*Ho + h
+        return list(y.view(x.shape[0], self.stride, self.d_output).unbind(1))
+
+
+# ---------------------------------------------------------------------------
+# the backbone
+# ---------------------------------------------------------------------------
+
+
+class SaShiMi(nn.Module):
+    """Autoregressive SaShiMi: tokens (B, L) -> logits (B, L, n_classes).
+
+    Defaults are the paper's SC09 / music model (8 layers, d_model 64, pool [4, 4],
+    expand 2, ff 2). `glu=True` gives the released SC09 checkpoint's S4 output layer
+    (Linear(H, 2H) -> GLU); `glu=False` the paper's parameter counts (plain Linear(H, H)).
+    """
+
+    kind = "ar"
+    context = 0
+
+    def __init__(
+        self,
+        d_model: int = 64,
+        n_layers: int = 8,
+        pool: Sequence[int] = (4, 4),
+        expand: int = 2,
+        ff: int = 2,
+        glu: bool = False,
+        d_state: int = 64,
+        bidirectional: bool = False,
+        unet: bool = False,
+        dropout: float = 0.0,
+        n_classes: int = 256,
+        backend: str = "auto",
+        n_ssm: int = 1,
+    ):
+        super().__init__()
+        self.d_model, self.n_layers, self.pool = d_model, n_layers, tuple(int(p) for p in pool)
+        self.expand, self.ff, self.glu, self.d_state = expand, ff, glu, d_state
+        self.bidirectional, self.unet, self.n_classes = bidirectional, unet, n_classes
+        self.causal = not bidirectional
+        self.stride_total = math.prod(self.pool)
+
+        def s4(H: int) -> ResidualBlock:
+            layer = S4Block(
+                d_model=H, d_state=d_state, glu=glu, bidirectional=bidirectional,
+                dropout=dropout, n_ssm=n_ssm, backend=backend,
+            )  # fmt: skip
+            return ResidualBlock(H, layer)
+
+        def blocks(H: int) -> list[ResidualBlock]:
+            out = []
+            for _ in range(n_layers):
+                out.append(s4(H))
+                if ff > 0:
+                    out.append(ResidualBlock(H, FFBlock(H, ff, dropout)))
+            return out
+
+        self.embedding = nn.Embedding(n_classes, d_model)
+
+        H = d_model
+        d_layers: list[nn.Module] = []
+        for p in self.pool:  # down path: [blocks (unet)] + DownPool per level
+            if unet:
+                d_layers += blocks(H)
+            d_layers.append(DownPool(H, H * expand, stride=p))
+            H *= expand
+        self.d_layers = nn.ModuleList(d_layers)
+        self.c_layers = nn.ModuleList(blocks(H))  # centre, at d_model * expand**len(pool)
+        u_layers = []
+        for p in self.pool[::-1]:  # up path, innermost level first (official order)
+            H //= expand
+            u_layers.append(nn.ModuleList([UpPool(H * expand, H, stride=p, causal=self.causal), *blocks(H)]))
+        self.u_layers = nn.ModuleList(u_layers)
+        assert H == d_model
+        self.norm = nn.LayerNorm(d_model)
+        self.output = nn.Linear(d_model, n_classes)
+        self._stepper: _Stepper | None = None
+
+    # ---- convolution (training) mode ------------------------------------
+
+    def backbone(self, x: Tensor) -> Tensor:
+        """(B, L, H) -> (B, L, H), before the final norm. L must be divisible by prod(pool)."""
+        skips = [x]
+        for layer in self.d_layers:
+            x = layer(x)
+            skips.append(x)
+        for layer in self.c_layers:
+            x = layer(x)
+        x = x + skips.pop()  # skip around the centre
+        for block in self.u_layers:
+            if self.unet:  # every layer consumes the mirrored down output
+                for layer in block:
+                    x = layer(x) + skips.pop()
+            else:
+                x = block[0](x) + skips.pop()  # UpPool, plus the input of the matching down stage
+                s = x
+                for layer in block[1:]:
+                    x = layer(x)
+                x = x + s  # skip around the up stage, from right after its UpPool
+        return x
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, L) int64 -> (B, L, n_classes)
+        B, L = tokens.shape
+        pad = -L % self.stride_total
+        if pad:
+            if not self.causal:
+                raise UserError(
+                    f"SaShiMi: sequence length {L} must be divisible by prod(pool) = {self.stride_total} "
+                    "for a bidirectional model"
+                )
+            # causal: right-padding changes no earlier output, so pad and crop
+            tokens = F.pad(tokens, (0, pad), value=self.n_classes // 2)  # (B, L + pad)
+        x = self.embedding(tokens)  # (B, L, H)
+        x = self.norm(self.backbone(x))  # (B, L, H)
+        logits = self.output(x)  # (B, L, n_classes)
+        return logits[:, :L] if pad else logits
+
+    # ---- recurrent (generation) mode ------------------------------------
+
+    def setup_step(self, compile: bool = False) -> None:
+        """Prepare for `step` (idempotent): discretise every S4 layer, cache the weight-normed
+        pool weights. `compile=True` wraps each stage's step in torch.compile (first steps are
+        slow while it compiles; falls back to eager if compilation fails)."""
+        if not self.causal:
+            raise UserError("SaShiMi.setup_step: a bidirectional model cannot be stepped")
+        for m in self.modules():
+            if isinstance(m, (S4Block, DownPool, UpPool)):
+                m.setup_step()
+        self._stepper = _Stepper(self, compile=compile)
+
+    def default_state(self, batch: int, device=None) -> dict:
+        """Fresh generation state; `step` updates it in place and returns it."""
+        if self._stepper is None:
+            raise RuntimeError("SaShiMi.default_state: call setup_step() first")
+        return self._stepper.default_state(batch, device)
+
+    def step(self, token: Tensor, state: dict) -> tuple[Tensor, dict]:  # (B,) -> (B, n_classes)
+        """Consume token x[t] and return the logits for y[t]."""
+        if self._stepper is None:
+            raise RuntimeError("SaShiMi.step: call setup_step() first")
+        with torch.no_grad():
+            return self._stepper.step(token, state), state
+
+    def _apply(self, fn, recurse: bool = True):
+        self._stepper = None  # dtype / device changed: step caches are stale
+        return super()._apply(fn, recurse)
+
+
+def _run_blocks(blocks: Sequence[ResidualBlock], x: Tensor, states: list) -> tuple[Tensor, list]:
+    """Step a chain of residual blocks: x (B, H) and one state per block."""
+    new = []
+    for blk, st in zip(blocks, states):
+        x, st = blk.step(x, st)
+        new.append(st)
+    return x, new
+
+
+class _Stepper:
+    """The recurrent view of a SaShiMi: per level l (width H_l, one tick per prod(pool[:l])
+    samples) a list of down blocks (unet only), a DownPool, an UpPool and a list of up
+    blocks; the centre at level P = len(pool).
+
+    Per tick of level l: run the down blocks, buffer the result in the DownPool; when the
+    buffer is full (every pool[l] ticks) fire it, tick level l+1, and refill the UpPool's
+    output buffer from its result; then emit one buffered UpPool output and run the up
+    blocks. Emission happens before the refill, which is the one-pooled-step causal shift.
+
+    The dense per-stage work (a chain of residual blocks, plus the final norm and output
+    layer at level 0) is a pure function of tensors, optionally torch.compile'd.
+    """
+
+    def __init__(self, model: SaShiMi, compile: bool = False):
+        self.model = model
+        P = len(model.pool)
+        self.P = P
+        self.strides = model.pool
+        self.down_blocks: list[list[ResidualBlock]] = [[] for _ in range(P)]
+        self.down_pools: list[DownPool] = []
+        level = 0
+        for layer in model.d_layers:
+            if isinstance(layer, DownPool):
+                self.down_pools.append(layer)
+                level += 1
+            else:
+                self.down_blocks[level].append(layer)
+        self.up_pools: list[UpPool] = [None] * P  # type: ignore[list-item]
+        self.up_blocks: list[list[ResidualBlock]] = [[] for _ in range(P)]
+        for j, block in enumerate(model.u_layers):  # innermost first
+            l = P - 1 - j
+            self.up_pools[l] = block[0]
+            self.up_blocks[l] = list(block[1:])
+        self.center: list[ResidualBlock] = list(model.c_layers)
+        self.unet = model.unet
+
+        # dense per-stage functions
+        self._fn_down: list[Callable] = [self._make_chain(l, "down") for l in range(P)]
+        self._fn_up: list[Callable] = [self._make_chain(l, "up") for l in range(P)]
+        self._fn_center: Callable = self._make_chain(P, "center")
+        if compile:
+            self._compile()
+
+    # -- stage functions (pure: tensors in, tensors out) --
+
+    def _make_chain(self, level: int, where: str) -> Callable:
+        m = self.model
+        if where == "center":
+            blocks = self.center
+
+            def center(x: Tensor, states: list) -> tuple[Tensor, list]:
+                y, states = _run_blocks(blocks, x, states)
+                return y + x, states  # skip around the centre
+
+            return center
+        if where == "down":
+            blocks = self.down_blocks[level]
+
+            def down(x: Tensor, states: list) -> tuple[Tensor, list, list]:
+                skips = [x]
+                new = []
+                for blk, st in zip(blocks, states):
+                    x, st = blk.step(x, st)
+                    skips.append(x)
+                    new.append(st)
+                return x, skips, new
+
+            return down
+        blocks = self.up_blocks[level]
+        last = level == 0
+        unet = self.unet
+
+        def up(y: Tensor, skips: list, states: list) -> tuple[Tensor, list]:
+            # y: the UpPool's output for this tick (B, H_l); skips: this tick's level-l skips
+            if unet:
+                y = y + skips[-1]
+                new = []
+                for i, (blk, st) in enumerate(zip(blocks, states)):
+                    y, st = blk.step(y, st)
+                    y = y + skips[-2 - i]
+                    new.append(st)
+            else:
+                y = y + skips[0]  # plus the input of the matching down stage
+                s = y
+                y, new = _run_blocks(blocks, y, states)
+                y = y + s  # skip around the up stage
+            if last:
+                y = m.output(m.norm(y))  # (B, n_classes)
+            return y, new
+
+        return up
+
+    def _compile(self) -> None:
+        def wrap(fn: Callable) -> Callable:
+            compiled = torch.compile(fn, dynamic=False)
+            fallback = [False]
+
+            def call(*args):
+                if fallback[0]:
+                    return fn(*args)
+                try:
+                    return compiled(*args)
+                except Exception as e:  # compiler missing / unsupported op: stay correct
+                    warnings.warn(f"SaShiMi step: torch.compile failed ({type(e).__name__}: {e}); "
+                                  "using eager", stacklevel=2)  # fmt: skip
+                    fallback[0] = True
+                    return fn(*args)
+
+            return call
+
+        self._fn_down = [wrap(f) if self.down_blocks[l] else f for l, f in enumerate(self._fn_down)]
+        self._fn_up = [wrap(f) for f in self._fn_up]
+        self._fn_center = wrap(self._fn_center)
+
+    # -- state --
+
+    def default_state(self, batch: int, device=None) -> dict:
+        p = next(self.model.parameters())
+        device = p.device if device is None else torch.device(device)
+
+        def states(blocks):
+            return [b.default_state(batch, device=device) for b in blocks]
+
+        return {
+            "down_buf": [[] for _ in range(self.P)],  # inputs waiting in each DownPool
+            "up_buf": [  # outputs each UpPool still has to emit: zeros first (causal shift)
+                [torch.zeros(batch, up.d_output, device=device, dtype=p.dtype)] * s
+                for up, s in zip(self.up_pools, self.strides)
+            ],
+            "down": [states(b) for b in self.down_blocks],
+            "center": states(self.center),
+            "up": [states(b) for b in self.up_blocks],
+        }
+
+    # -- one sample --
+
+    def step(self, token: Tensor, state: dict) -> Tensor:
+        x = self.model.embedding(token)  # (B, H)
+        return self._tick(0, x, state)
+
+    def _tick(self, l: int, x: Tensor, state: dict) -> Tensor:
+        if l == self.P:
+            y, state["center"] = self._fn_center(x, state["center"])
+            return y
+        if self.down_blocks[l]:
+            x, skips, state["down"][l] = self._fn_down[l](x, state["down"][l])
+        else:
+            skips = [x]
+        buf = state["down_buf"][l]
+        buf.append(x)
+        up_buf = state["up_buf"][l]
+        y = up_buf.pop(0)  # emit first: the output computed one pooled step ago
+        if len(buf) == self.strides[l]:  # the DownPool fires: run the next level once
+            z = self._tick(l + 1, self.down_pools[l].fire(buf), state)
+            buf.clear()
+            assert not up_buf
+            up_buf.extend(self.up_pools[l].refill(z))
+        y, state["up"][l] = self._fn_up[l](y, skips, state["up"][l])
+        return y
+
+
+# ---------------------------------------------------------------------------
+# parameter count by formula (checked against the model in tests)
+# ---------------------------------------------------------------------------
+
+
+def s4_param_count(H: int, d_state: int = 64, glu: bool = False, bidirectional: bool = False, n_ssm: int = 1) -> int:
+    """S4 layer: dt (H), Lambda real+imag (n_ssm N/2 each), B and P (n_ssm N/2 complex),
+    C (channels H N/2 complex), D (H), output linear H -> H (or 2H with GLU) with bias."""
+    n2 = d_state // 2
+    channels = 2 if bidirectional else 1
+    out = (2 * H if glu else H) * (H + 1)
+    return H + 2 * n_ssm * n2 + 2 * (2 * n_ssm * n2) + channels * H * 2 * n2 + H + out
+
+
+def param_count(
+    d_model: int = 64, n_layers: int = 8, pool: Sequence[int] = (4, 4), expand: int = 2, ff: int = 2,
+    glu: bool = False, d_state: int = 64, bidirectional: bool = False, unet: bool = False,
+    n_classes: int = 256, n_ssm: int = 1, **_: object,
+) -> int:  # fmt: skip
+    """Total parameters of `SaShiMi(**kwargs)` (embedding and output layer included)."""
+
+    def stage(H: int) -> int:
+        ffp = (H * ff * H + ff * H + ff * H * H + H + 2) if ff > 0 else 0
+        return n_layers * (s4_param_count(H, d_state, glu, bidirectional, n_ssm) + 2 + ffp)
+
+    total = n_classes * d_model + 2 * d_model + d_model * n_classes + n_classes
+    H = d_model
+    for s in pool:
+        Ho = H * expand
+        total += (H * s * Ho + 2 * Ho)  # DownPool: v, g, bias
+        total += (Ho * H * s + 2 * H * s)  # UpPool (Ho -> H*s): v, g, bias
+        total += stage(H) * (2 if unet else 1)
+        H = Ho
+    return total + stage(H)

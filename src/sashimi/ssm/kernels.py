@@ -1,0 +1,392 @@
+"""Cauchy backends for the S4 (DPLR) convolution kernel.
+
+The S4 kernel K[l] = C~ A-bar^l B-bar (l < L) of the bilinear-discretised DPLR
+system A = diag(Lambda) - P P^* is evaluated through its truncated generating
+function at the L-th roots of unity omega_k = exp(-2 pi i k / L):
+
+    K^(omega) = 2/(1 + omega) * C~ (z - dt A)^{-1} dt B,   z = 2 (1 - omega)/(1 + omega)
+
+The resolvent of the diagonal part is a Cauchy sum over the N/2 stored modes and
+their conjugates, and the rank-1 term is removed with Woodbury:
+
+    r_ij(z) = sum_n v_ij,n/(z - w_n) + conj(v_ij,n)/(z - conj(w_n)),  w = dt*Lambda,
+    K^ = 2/(1 + omega) * [r_00 - r_01 r_10 / (1 + r_11)],   v_ij = (B, P)_i (C~, Q)_j dt
+
+followed by an inverse real FFT of length L.
+
+Two ways to evaluate it live here:
+
+* ``naive`` (:func:`cauchy_naive`): the official algorithm, literally. The
+  (..., N, L/2+1) complex Cauchy tensor is materialised, the nodes z are built
+  from complex powers of omega. Slow and memory hungry (5.8 GB forward+backward
+  for H=64, L=16000) but obviously correct: the TEST ORACLE.
+* ``torch`` (:func:`cauchy_dplr`): the same sums in real arithmetic without
+  ever materialising the Cauchy tensor. The nodes are purely imaginary,
+  z_k = 2i tan(pi k / L), and multiplying through by cos(pi k / L) makes every
+  term finite, including the Nyquist node where z is infinite:
+
+      r_ij = c_k rho_ij,   rho_ij = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k)
+      K^   = (c_k + i s_k) [rho_00 - c_k rho_01 rho_10 / (1 + c_k rho_11)]
+
+  with (c_k, s_k) = (cos, sin)(pi k / L) computed in float64. The denominators
+  never vanish because Re w < 0. The broadcast multiply-and-sum over N is
+  compiled with torch.compile (Inductor fuses the Cauchy coefficients into the
+  reduction, and generates a fused backward too); without a working compiler it
+  runs eagerly in chunks over the frequencies, each chunk checkpointed so the
+  backward is chunked as well. Either way memory is O(H L), not O(H N L).
+* ``keops``: the real-arithmetic sums as a pykeops reduction (optional import;
+  mostly useful on GPUs, slower than plain torch on CPU).
+
+``auto`` resolves to ``torch``. Set SASHIMI_COMPILE=0 to force the eager path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "naive", "torch", "keops")
+
+# Elements of one (H, K_chunk, N/2) coefficient tensor in the eager fallback.
+_EAGER_CHUNK_ELEMENTS = 1 << 20
+
+
+def resolve_backend(backend: str) -> str:
+    """Map a user-facing backend name onto an implemented one ('naive' | 'torch' | 'keops')."""
+    if backend not in BACKENDS:
+        from sashimi.errors import UserError
+
+        raise UserError(f"unknown S4 kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch"
+    if backend == "keops" and not has_pykeops():
+        from sashimi.errors import UserError
+
+        raise UserError("S4 kernel backend 'keops' requested but pykeops is not installed")
+    return backend
+
+
+def has_pykeops() -> bool:
+    try:
+        import pykeops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive oracle: the official algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+def cauchy_naive(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """Cauchy sum over both poles of each conjugate pair, materialising the full tensor.
+
+    v, w: (..., N/2) complex; z: (K,) complex. Returns (..., K):
+    r[..., k] = sum_n v_n / (z_k - w_n) + conj(v_n) / (z_k - conj(w_n)).
+    """
+    v = torch.cat([v, v.conj()], dim=-1)  # (..., N)
+    w = torch.cat([w, w.conj()], dim=-1)  # (..., N)
+    return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(dim=-2)  # (..., N, K) -> (..., K)
+
+
+def official_nodes(L: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Official FFT nodes: omega_k = exp(-2 pi i / L)^k and z_k = 2 (1 - omega_k) / (1 + omega_k), k <= L//2.
+
+    The base is rounded to ``dtype`` before powering, exactly as the official code does
+    (which is where the complex64 kernel loses accuracy near the Nyquist frequency).
+    """
+    cdtype = torch.complex128 if dtype in (torch.float64, torch.complex128) else torch.complex64
+    base = torch.tensor(complex(math.cos(2 * math.pi / L), -math.sin(2 * math.pi / L)), dtype=cdtype, device=device)
+    omega = base ** torch.arange(L // 2 + 1, device=device)  # (K,)
+    z = 2 * (1 - omega) / (1 + omega)  # (K,)
+    return omega, z
+
+
+def _kernel_naive(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int) -> Tensor:
+    """Official frequency-domain kernel. dtA: (H, N2); Bs: (2, 1, H, N2) = (B, P) dt; Cs: (1, c+1, H, N2) = (C~, Q)."""
+    omega, z = official_nodes(L, dtA.real.dtype, dtA.device)
+    r = cauchy_naive(Bs * Cs, z, dtA)  # (2, c+1, H, K)
+    k_f = r[:-1, :-1] - r[:-1, -1:] * r[-1:, :-1] / (1 + r[-1:, -1:])  # Woodbury, (1, c, H, K)
+    k_f = k_f[0] * 2 / (1 + omega)  # bilinear correction, (c, H, K)
+    return torch.fft.irfft(k_f, n=L)  # (c, H, L)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: real arithmetic, exact nodes, nothing of size (H, N, K) materialised
+# ----------------------------------------------------------------------------------------------
+
+
+def frequency_nodes(L: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """(cos, sin)(pi k / L) for k = 0..L//2, computed in float64 and then cast to ``dtype``.
+
+    z_k = 2i tan(pi k / L) = 2i s_k / c_k and 2 / (1 + omega_k) = (c_k + i s_k) / c_k.
+    """
+    theta = torch.arange(L // 2 + 1, dtype=torch.float64, device=device) * (math.pi / L)  # (K,)
+    c, s = torch.cos(theta), torch.sin(theta)
+    if L % 2 == 0:  # exact Nyquist node: z = infinity, handled exactly by the c-scaling
+        c[-1], s[-1] = 0.0, 1.0
+    return c.to(dtype), s.to(dtype)
+
+
+def _cauchy_coefficients(wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Real coefficients of the conjugate-pair Cauchy terms, broadcast over (..., K, N2).
+
+    For v = vr + i vi:  v/(2is - wc) + conj(v)/(2is - conj(w)c) = (vr a + vi b) + i (vi g - vr d).
+    wr, wi: (H, 1, N2); c, s: (K, 1). Returns a, b, g, d of shape (H, K, N2).
+    """
+    x = -wr * c  # real part of both denominators (> 0 for k < L/2 since Re w < 0)
+    y1 = 2 * s - wi * c  # imaginary part of 2is - w c
+    y2 = 2 * s + wi * c  # imaginary part of 2is - conj(w) c
+    x2 = x * x
+    i1 = 1 / (x2 + y1 * y1)
+    i2 = 1 / (x2 + y2 * y2)
+    return x * (i1 + i2), y1 * i1 - y2 * i2, x * (i1 - i2), y1 * i1 + y2 * i2
+
+
+def _cauchy_fused(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Broadcast multiply-sum form, meant for torch.compile (Inductor fuses it into one reduction).
+
+    vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,). Returns Re, Im of rho: (M, H, K) each.
+    """
+    a, b, g, d = _cauchy_coefficients(wr.unsqueeze(1), wi.unsqueeze(1), c.unsqueeze(1), s.unsqueeze(1))  # (H, K, N2)
+    vr, vi = vr.unsqueeze(2), vi.unsqueeze(2)  # (M, H, 1, N2)
+    # Unrolled over the few numerators so all 2M reductions share one loop nest.
+    re = torch.stack([(vr[m] * a + vi[m] * b).sum(-1) for m in range(vr.shape[0])])  # (M, H, K)
+    im = torch.stack([(vi[m] * g - vr[m] * d).sum(-1) for m in range(vr.shape[0])])  # (M, H, K)
+    return re, im
+
+
+def _cauchy_chunk_matmul(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Eager form for one chunk of frequencies: coefficients then a batched matmul over N2.
+
+    vr, vi: (H, N2, M); wr, wi: (H, 1, N2); c, s: (Kc, 1). Returns (H, Kc, M) twice.
+    """
+    a, b, g, d = _cauchy_coefficients(wr, wi, c, s)  # (H, Kc, N2)
+    re = torch.baddbmm(torch.bmm(b, vi), a, vr)  # (H, Kc, M)
+    im = torch.baddbmm(torch.bmm(g, vi), d, vr, alpha=-1)  # (H, Kc, M)
+    return re, im
+
+
+def _cauchy_eager(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Chunked over K; each chunk is checkpointed so the backward recomputes it (memory stays bounded)."""
+    M, H, N2 = vr.shape
+    K = c.shape[0]
+    vr_t, vi_t = vr.permute(1, 2, 0), vi.permute(1, 2, 0)  # (H, N2, M)
+    wr_, wi_ = wr.unsqueeze(1), wi.unsqueeze(1)  # (H, 1, N2)
+    step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (vr, vi, wr, wi))
+    res, ims = [], []
+    for k0 in range(0, K, step):
+        args = (vr_t, vi_t, wr_, wi_, c[k0 : k0 + step, None], s[k0 : k0 + step, None])
+        if needs_grad and K > step:
+            re, im = torch.utils.checkpoint.checkpoint(_cauchy_chunk_matmul, *args, use_reentrant=False)
+        else:
+            re, im = _cauchy_chunk_matmul(*args)
+        res.append(re)
+        ims.append(im)
+    re = torch.cat(res, dim=1).permute(2, 0, 1)  # (M, H, K)
+    im = torch.cat(ims, dim=1).permute(2, 0, 1)  # (M, H, K)
+    return re, im
+
+
+def _cauchy_keops(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """pykeops reduction of the same real-arithmetic terms (batch over H, i = frequency, j = mode)."""
+    from pykeops.torch import LazyTensor
+
+    M, H, N2 = vr.shape
+    K = c.shape[0]
+    vr_j = LazyTensor(vr.permute(1, 2, 0).reshape(H, 1, N2, M).contiguous())  # (H, 1, N2, M)
+    vi_j = LazyTensor(vi.permute(1, 2, 0).reshape(H, 1, N2, M).contiguous())  # (H, 1, N2, M)
+    wr_j = LazyTensor(wr.reshape(H, 1, N2, 1).contiguous())
+    wi_j = LazyTensor(wi.reshape(H, 1, N2, 1).contiguous())
+    c_i = LazyTensor(c.reshape(1, K, 1, 1).expand(H, K, 1, 1).contiguous())
+    s_i = LazyTensor(s.reshape(1, K, 1, 1).expand(H, K, 1, 1).contiguous())
+    a, b, g, d = _cauchy_coefficients(wr_j, wi_j, c_i, s_i)
+    re = (vr_j * a + vi_j * b).sum(dim=2)  # (H, K, M)
+    im = (vi_j * g - vr_j * d).sum(dim=2)  # (H, K, M)
+    return re.permute(2, 0, 1), im.permute(2, 0, 1)
+
+
+_compiled_fn: Callable | None = None
+_compile_broken = False
+
+
+def compile_enabled() -> bool:
+    """Whether the fused path will be tried (SASHIMI_COMPILE=0 disables it; a failed compile disables it too)."""
+    return os.environ.get("SASHIMI_COMPILE", "1") != "0" and not _compile_broken and hasattr(torch, "compile")
+
+
+def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Run the fused form under torch.compile; None (and a one-time warning) if compilation fails."""
+    global _compiled_fn, _compile_broken
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_cauchy_fused, dynamic=True, fullgraph=True)
+    try:
+        return _compiled_fn(*args)
+    except Exception as err:  # compiler missing or broken: fall back to the eager chunked path for good
+        _compile_broken = True
+        warnings.warn(f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager fallback")
+        return None
+
+
+def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "torch") -> Tensor:
+    """rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k) without materialising (M, H, K, N2).
+
+    v: (M, H, N2) complex numerators; dtA: (H, N2) complex poles w (Re w < 0); c, s: (K,) nodes
+    from :func:`frequency_nodes`. Returns (M, H, K) complex.
+    """
+    args = (v.real.contiguous(), v.imag.contiguous(), dtA.real.contiguous(), dtA.imag.contiguous(), c, s)
+    out = None
+    if backend == "keops":
+        out = _cauchy_keops(*args)
+    elif compile_enabled():
+        out = _cauchy_compiled(*args)
+    if out is None:
+        out = _cauchy_eager(*args)
+    return torch.complex(*out)
+
+
+def _kernel_fast(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str) -> Tensor:
+    """Kernel through the c-scaled Cauchy sums (exact at the Nyquist node). Shapes as in :func:`_kernel_naive`."""
+    c, s = frequency_nodes(L, dtA.real.dtype, dtA.device)  # (K,)
+    v = Bs * Cs  # (2, c+1, H, N2)
+    rho = cauchy_dplr(v.flatten(0, 1), dtA, c, s, backend).view(*v.shape[:-1], -1)  # (2, c+1, H, K)
+    k_f = rho[0, :-1] - c * rho[0, -1:] * rho[1, :-1] / (1 + c * rho[1, -1:])  # Woodbury, (c, H, K)
+    k_f = k_f * torch.complex(c, s)  # 2/(1+omega) times the c-scaling of r
+    return torch.fft.irfft(k_f, n=L)  # (c, H, L)
+
+
+def dplr_kernel(dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto") -> Tensor:
+    """Length-L convolution kernel of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
+
+    dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored C~
+    for length L; dt: (H,) real. Returns K: (c, H, L) real with K[c, h, l] = C~_ext A-bar^l B-bar_ext
+    (conjugate-extended state of size N = 2 N2).
+    """
+    backend = resolve_backend(backend)
+    Bs = torch.stack([B, P]).unsqueeze(1) * dt.unsqueeze(-1)  # (2, 1, H, N2): (B, P) dt
+    Cs = torch.cat([C, P.conj().unsqueeze(0)]).unsqueeze(0)  # (1, c+1, H, N2): (C~, Q), Q = conj(P)
+    if backend == "naive":
+        return _kernel_naive(dtA, Bs, Cs, L)
+    return _kernel_fast(dtA, Bs, Cs, L, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-benchmark (called by `sashimi bench`)
+# ----------------------------------------------------------------------------------------------
+
+
+class _PeakRSS:
+    """Peak resident memory above the level at entry, sampled from /proc/self/statm in a thread."""
+
+    def __init__(self, interval: float = 1e-3):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.base)
+
+
+def benchmark_kernel(
+    H: int = 64,
+    L: int = 16000,
+    backend: str = "auto",
+    N: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+) -> dict:
+    """Time one S4 kernel computation (forward, and forward+backward) and its peak extra memory.
+
+    Builds a fresh n_ssm=1 kernel with H channels and state size N, converts C to C~ at length L
+    (not timed), warms up once (this includes torch.compile for the fused backend), then reports
+    the median over ``repeats`` runs. Memory is the peak above the level before the measured
+    run: CUDA allocator peak on GPUs, sampled process RSS on CPU (so approximate there).
+    """
+    from sashimi.ssm.s4 import S4Kernel
+
+    device = torch.device(device)
+    kernel = S4Kernel(H, N=N, backend=backend).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        kernel(L)  # C -> C~ at length L
+    weight = torch.randn(1, H, L, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            kernel(L)
+        sync()
+
+    def fwd_bwd() -> None:
+        kernel.zero_grad(set_to_none=True)
+        (kernel(L) * weight).sum().backward()
+        sync()
+
+    def measure(fn: Callable[[], None]) -> tuple[float, float]:
+        fn()  # warm-up (and compilation)
+        times, peak = [], 0
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+                peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
+            else:
+                with _PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                peak = max(peak, mem.peak)
+        return sorted(times)[len(times) // 2], peak / 2**20
+
+    fwd_s, fwd_mb = measure(fwd)
+    fwd_bwd_s, fwd_bwd_mb = measure(fwd_bwd)
+    fused = resolve_backend(backend) == "torch" and compile_enabled()
+    return {
+        "H": H,
+        "L": L,
+        "N": N,
+        "backend": resolve_backend(backend) + ("-compiled" if fused else ("" if backend == "naive" else "-eager")),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "forward_s": fwd_s,
+        "forward_backward_s": fwd_bwd_s,
+        "forward_peak_mb": fwd_mb,
+        "forward_backward_peak_mb": fwd_bwd_mb,
+    }

@@ -1,0 +1,440 @@
+"""S4 layer (DPLR state space) as used by SaShiMi: convolution mode for training, recurrent mode for sampling.
+
+Model (per channel h, N = d_state, the state is kept as N/2 complex conjugate pairs):
+
+    A = diag(Lambda) - P P^*        Re Lambda = -exp(A_real) < 0, Im Lambda = -A_imag, Q tied to conj(P)
+    dt = softplus(inv_dt)            bilinear: A-bar = (I - dt/2 A)^{-1} (I + dt/2 A), B-bar = (I - dt/2 A)^{-1} dt B
+    y = K * u + D u,   K[l] = C A-bar^l B-bar      (causal FFT convolution of size 2L)
+    layer = output_linear(dropout(GELU(y)))         glu=True: Linear(H, 2H) then GLU over features
+
+Because Re Lambda < 0 and P P^* is positive semidefinite, A + A^* is negative definite, so the
+bilinear A-bar is a strict contraction for ANY parameter values and any dt > 0: recurrent
+generation cannot blow up (the paper's stability fix).
+
+C~ semantics (as in the official code): the stored C is C~ = C (I - A-bar^l) relative to the buffer
+``l_kernel`` (row-vector convention; equivalently (I - A-bar^l)^T C). l_kernel == 0 means raw C; the first
+forward at length L converts C in place and sets l_kernel = L; a longer request doubles l_kernel
+(multiplying C~ by (I + A-bar^l)) until it covers L; a shorter request truncates the kernel. The
+recurrent mode recovers C from C~.
+
+Parameters (float32, real views of complex tensors with a trailing (re, im) dim of 2):
+
+    kernel.inv_dt   (H, 1)                 kernel.C       (channels, H, N/2, 2)
+    kernel.B        (1, n_ssm, N/2, 2)     kernel.A_real  (n_ssm, N/2)
+    kernel.A_imag   (n_ssm, N/2)           kernel.P       (1, n_ssm, N/2, 2)
+    kernel.l_kernel ()  int64 buffer       D              (1, H)
+    output_linear.weight (H or 2H, H)      output_linear.bias (H or 2H,)
+
+channels = 2 when bidirectional (C[0] forward kernel, C[1] backward kernel), else 1. With n_ssm < H
+the (Lambda, P, B) copies are tiled over channels: channel h uses copy h % n_ssm (official '(v t)').
+
+Official state dicts map onto ours by renaming only (shapes and values are identical):
+
+    state-spaces/s4 v4 S4Block          this module
+    layer.D                         ->  D
+    layer.kernel.<name>             ->  kernel.<name>      (inv_dt, C, B, A_real, A_imag, P, l_kernel)
+    output_linear.0.weight / .bias  ->  output_linear.weight / .bias
+
+(:func:`official_s4_key`, :meth:`S4Block.load_official_state_dict`). The January-2022 / "S4 v3"
+standalone layer of albertfgu/diffwave-sashimi stores log_dt (H) with dt = exp(log_dt),
+inv_w_real (n_ssm, N/2) with Re Lambda = -exp(inv_w_real), w_imag with Im Lambda = w_imag, kernel.kernel.L,
+and a (2H, H, 1) output weight: :func:`convert_v3_kernel_state` and :func:`convert_v3_s4_state`
+convert those (dt is re-expressed through the inverse softplus; the kernel is unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from sashimi.errors import UserError
+from sashimi.ssm.kernels import dplr_kernel, resolve_backend
+
+# Learning-rate / weight-decay hints for the SSM parameters (Lambda, P, B, dt), in the official
+# `_optim` attribute convention: train with lr 1e-3 and no weight decay.
+SSM_OPTIM = {"lr": 1e-3, "weight_decay": 0.0}
+SSM_PARAMETER_NAMES = ("inv_dt", "A_real", "A_imag", "B", "P")
+
+# Above this eigenvector condition number the float64 modal step would lose more than ~1e-6
+# relative accuracy, so setup_step falls back to the exact dense step.
+_MAX_MODAL_COND = 1e10
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation: HiPPO-LegS in normal-plus-low-rank form
+# ----------------------------------------------------------------------------------------------
+
+
+def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
+    """HiPPO-LegS (A, B) in float64: A[n, k] = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k); B_n = sqrt(2n+1)."""
+    q = torch.arange(N, dtype=torch.float64)
+    r = torch.sqrt(2 * q + 1)  # (N,)
+    A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(q + 1)  # (N, N)
+    return A, r
+
+
+def hippo_legs_nplr(N: int, B_clip: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(Lambda, P, B) with A_legs = V (diag(Lambda) - P P^*) V^*, keeping one mode of each conjugate pair.
+
+    A_legs + p p^T = -1/2 I + skew-symmetric with p_n = sqrt(n + 1/2), so its eigenvalues are
+    -1/2 + i * eig(-i * skew) and V is unitary. The N/2 eigenvalues with negative imaginary part
+    are kept, sorted by imaginary part ascending; B and P are rotated by V^*, and Im B is
+    clipped to [-B_clip, B_clip] as in the official initialisation. Returns complex128 (N/2,) each.
+    """
+    A, B = hippo_legs(N)
+    p = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)  # (N,)
+    S = A + p[:, None] * p[None, :]  # normal: -1/2 I + skew
+    lam_re = torch.diagonal(S).mean()
+    lam_im, V = torch.linalg.eigh(S.to(torch.complex128) * -1j)  # Hermitian -i S
+    Lambda = lam_re + 1j * lam_im  # (N,)
+    idx = torch.argsort(Lambda.imag)[: N // 2]
+    Lambda, V = Lambda[idx], V[:, idx]  # (N/2,), (N, N/2)
+    Vh = V.conj().T
+    B = Vh @ B.to(V)  # (N/2,)
+    P = Vh @ p.to(V)  # (N/2,)
+    B = torch.complex(B.real, B.imag.clamp(-B_clip, B_clip))
+    return Lambda, P, B
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    return torch.log(torch.exp(x) - 1)
+
+
+def _c(x: Tensor) -> Tensor:
+    """Complex view of a real (..., 2) parameter."""
+    return torch.view_as_complex(x)
+
+
+def _conj_ext(x: Tensor) -> Tensor:
+    """Conjugate-extended vector (x, conj x) along the last dim."""
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SSM kernel
+# ----------------------------------------------------------------------------------------------
+
+
+class S4Kernel(nn.Module):
+    """DPLR SSM parameters and the length-L convolution kernel (channels, H, L)."""
+
+    def __init__(
+        self,
+        H: int,
+        N: int = 64,
+        channels: int = 1,
+        n_ssm: int = 1,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if N % 2 or N <= 0:
+            raise UserError(f"S4 d_state must be a positive even number, got {N}")
+        if n_ssm <= 0 or H % n_ssm:
+            raise UserError(f"S4 n_ssm={n_ssm} must divide d_model={H}")
+        resolve_backend(backend)
+        self.H, self.N, self.channels, self.n_ssm, self.backend = H, N, channels, n_ssm, backend
+        N2 = N // 2
+
+        # Same random draws, in the same order, as the official SSMKernelDPLR (seeded inits coincide).
+        log_dt = torch.rand(H, 1) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H, 1)
+        inv_dt = _inverse_softplus(torch.exp(log_dt))  # dt = softplus(inv_dt)
+        Lambda, P, B = hippo_legs_nplr(N)  # (N2,) complex128 each
+        C = torch.randn(channels, H, N2, dtype=torch.cfloat).conj().resolve_conj()  # (channels, H, N2)
+
+        self.inv_dt = nn.Parameter(inv_dt)  # (H, 1)
+        self.C = nn.Parameter(torch.view_as_real(C).contiguous())  # (channels, H, N2, 2)
+        self.B = nn.Parameter(torch.view_as_real(B.to(torch.cfloat)).expand(1, n_ssm, N2, 2).contiguous())
+        self.A_real = nn.Parameter(torch.log(-Lambda.real).float().expand(n_ssm, N2).contiguous())
+        self.A_imag = nn.Parameter((-Lambda.imag).float().expand(n_ssm, N2).contiguous())
+        self.P = nn.Parameter(torch.view_as_real(P.to(torch.cfloat)).expand(1, n_ssm, N2, 2).contiguous())
+        for name in SSM_PARAMETER_NAMES:
+            getattr(self, name)._optim = dict(SSM_OPTIM)
+        self.register_buffer("l_kernel", torch.tensor(0, dtype=torch.int64))
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def ssm_params(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """dt (H,), Lambda (H, N2), B (H, N2), P (H, N2), C (channels, H, N2): complex, broadcast to H channels."""
+        cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))
+        dt = F.softplus(cast(self.inv_dt)).squeeze(-1)  # (H,)
+        Lambda = torch.complex(-torch.exp(cast(self.A_real)), -cast(self.A_imag))  # (n_ssm, N2)
+        B, P, C = _c(cast(self.B))[0], _c(cast(self.P))[0], _c(cast(self.C))  # (n_ssm, N2) x2, (c, H, N2)
+        rep = self.H // self.n_ssm  # channel h uses SSM copy h % n_ssm
+        return dt, Lambda.repeat(rep, 1), B.repeat(rep, 1), P.repeat(rep, 1), C
+
+    def dense_A(self) -> Tensor:
+        """Continuous A = diag(Lambda) - p p^* on the conjugate-extended state, (n_ssm, N, N) complex128."""
+        Lambda = torch.complex(-torch.exp(self.A_real.double()), -self.A_imag.double())  # (n_ssm, N2)
+        p = _conj_ext(_c(self.P.double())[0])  # (n_ssm, N)
+        return torch.diag_embed(_conj_ext(Lambda)) - p.unsqueeze(-1) * p.conj().unsqueeze(-2)
+
+    @torch.no_grad()
+    def discrete_dense(self) -> tuple[Tensor, Tensor]:
+        """Bilinear A-bar (H, N, N) and B-bar (H, N) on the conjugate-extended state, complex128."""
+        dt = F.softplus(self.inv_dt.double())  # (H, 1)
+        A = self.dense_A().repeat(self.H // self.n_ssm, 1, 1)  # (H, N, N)
+        B = _conj_ext(_c(self.B.double())[0]).repeat(self.H // self.n_ssm, 1)  # (H, N)
+        I = torch.eye(self.N, dtype=A.dtype, device=A.device)
+        A_back = I - dt[..., None] / 2 * A  # (H, N, N)
+        dA = torch.linalg.solve(A_back, I + dt[..., None] / 2 * A)  # (H, N, N)
+        dB = torch.linalg.solve(A_back, (dt * B).unsqueeze(-1)).squeeze(-1)  # (H, N)
+        return dA, dB
+
+    # -- C~ bookkeeping --------------------------------------------------------------------------
+
+    @staticmethod
+    def _row_times_power(C: Tensor, dA: Tensor, n: int) -> Tensor:
+        """C A-bar^n for row vectors C (c, H, N), by binary powering (squarings only on the matrix)."""
+        out, M = C, dA
+        while n:
+            if n & 1:
+                out = torch.einsum("chn,hnm->chm", out, M)
+            n >>= 1
+            if n:
+                M = M @ M
+        return out
+
+    @torch.no_grad()
+    def extend(self, L: int) -> None:
+        """Make the stored C~ cover at least length L (0 -> L directly, then doubling), as the official code does.
+
+        Computed exactly with dense float64 powers of A-bar (the modal form is too ill-conditioned here).
+        """
+        l = int(self.l_kernel)
+        if l >= L:
+            return
+        dA, _ = self.discrete_dense()  # (H, N, N)
+        C = _conj_ext(_c(self.C.double()))  # (c, H, N)
+        if l == 0:
+            C = C - self._row_times_power(C, dA, L)  # C~ = C (I - A-bar^L)
+            l = L
+        while l < L:
+            C = C + self._row_times_power(C, dA, l)  # C~_{2l} = C~_l (I + A-bar^l)
+            l *= 2
+        self.C.copy_(torch.view_as_real(C[..., : self.N // 2]))
+        self.l_kernel.fill_(l)
+
+    def forward(self, L: int) -> Tensor:
+        """Convolution kernel K: (channels, H, L)."""
+        if int(self.l_kernel) < L:
+            self.extend(L)
+        l = int(self.l_kernel)
+        with torch.autocast(self.C.device.type, enabled=False):
+            dt, Lambda, B, P, C = self.ssm_params()
+            K = dplr_kernel(Lambda * dt.unsqueeze(-1), B, P, C, dt, l, self.backend)  # (c, H, l)
+        return K[..., :L]
+
+    # -- recurrent mode --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step_system(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact discrete system on the conjugate-extended state: A-bar (H, N, N), B-bar (H, N), C (c, H, N).
+
+        C is recovered from C~ by solving (I - A-bar^l)^T C^T = C~^T (official dense set-up).
+        """
+        dA, dB = self.discrete_dense()
+        C = _conj_ext(_c(self.C.double()))  # (c, H, N)
+        l = int(self.l_kernel)
+        if l > 0:
+            I = torch.eye(self.N, dtype=dA.dtype, device=dA.device)
+            M = (I - torch.linalg.matrix_power(dA, l)).transpose(-1, -2)  # (H, N, N)
+            C = torch.linalg.solve(M, C.unsqueeze(-1)).squeeze(-1)  # (c, H, N)
+        return dA, dB, C
+
+    @torch.no_grad()
+    def modal_system(self) -> tuple[Tensor, Tensor, float]:
+        """Diagonalised float64 system: poles lambda-bar (H, N) and output weights c-hat (c, H, N), plus cond(V).
+
+        A = V diag(sigma) V^{-1} once per SSM copy (shared by all channels when n_ssm = 1); per channel
+        lambda-bar = (1 + dt sigma/2)/(1 - dt sigma/2). With s_t = lambda-bar s_{t-1} + u_t the output is
+        y_t = Re(sum_m c-hat_m s_t,m), c-hat = (C V) * (V^{-1} B-bar); C V follows from C~ V / (1 - lambda-bar^l).
+        """
+        A = self.dense_A()  # (n_ssm, N, N)
+        sigma, V = torch.linalg.eig(A)  # (n_ssm, N), (n_ssm, N, N)
+        cond = float(torch.linalg.cond(V).max())
+        Vinv = torch.linalg.inv(V)
+        rep = self.H // self.n_ssm
+        sigma, V, Vinv = sigma.repeat(rep, 1), V.repeat(rep, 1, 1), Vinv.repeat(rep, 1, 1)  # per channel
+        dt = F.softplus(self.inv_dt.double())  # (H, 1)
+        half = 1 - dt * sigma / 2  # (H, N)
+        lam = (1 + dt * sigma / 2) / half  # (H, N)
+        B = _conj_ext(_c(self.B.double())[0]).repeat(rep, 1)  # (H, N)
+        b = torch.einsum("hmn,hn->hm", Vinv, B) * dt / half  # V^{-1} B-bar, (H, N)
+        CV = torch.einsum("chn,hnm->chm", _conj_ext(_c(self.C.double())), V)  # (c, H, N)
+        l = int(self.l_kernel)
+        if l > 0:
+            CV = CV / -torch.expm1(l * torch.log(lam))  # undo (I - A-bar^l) in the eigenbasis
+        return lam, CV * b, cond
+
+
+# ----------------------------------------------------------------------------------------------
+# The block
+# ----------------------------------------------------------------------------------------------
+
+
+class S4Block(nn.Module):
+    """S4 layer on (B, L, H) inputs: FFTConv(u) + D u -> GELU -> dropout -> output linear (-> GLU).
+
+    Dropout sits between the GELU and the output linear, as in the official S4Block (v3 and v4).
+    Recurrent mode (``setup_step``, ``default_state``, ``step``) runs a float64 modal (diagonalised)
+    state: one complex multiply-add per mode and one dot product per step. If the eigenvector basis
+    is too ill-conditioned for float64 (cond > 1e10) it falls back to the exact dense step.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        glu: bool = False,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        n_ssm: int = 1,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.glu, self.bidirectional = d_model, d_state, glu, bidirectional
+        H = d_model
+        # Creation order as in the official FFTConv/S4Block (D, kernel, output linear): same RNG draws.
+        self.D = nn.Parameter(torch.randn(1, H))  # (1, H)
+        self.kernel = S4Kernel(
+            H, N=d_state, channels=2 if bidirectional else 1, n_ssm=n_ssm, dt_min=dt_min, dt_max=dt_max, backend=backend
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.output_linear = nn.Linear(H, 2 * H if glu else H)
+        self._step_mode: str | None = None
+
+    # -- convolution mode ------------------------------------------------------------------------
+
+    def fft_conv(self, u: Tensor) -> Tensor:
+        """Linear SSM part y = K * u + D u on (B, L, H) (causal, or two-sided when bidirectional)."""
+        L = u.size(1)
+        x = u if u.dtype in (torch.float32, torch.float64) else u.float()
+        K = self.kernel(L)  # (channels, H, L)
+        if self.bidirectional:
+            # Official layout: forward kernel at lags 0..L-1, backward kernel k1[j] at lag -(j+1).
+            k = F.pad(K[0], (0, L)) + F.pad(K[1].flip(-1), (L, 0))  # (H, 2L)
+        else:
+            k = K[0]  # (H, L)
+        with torch.autocast(x.device.type, enabled=False):
+            k_f = torch.fft.rfft(k.to(x.dtype), n=2 * L)  # (H, L+1)
+            x_f = torch.fft.rfft(x, n=2 * L, dim=1)  # (B, L+1, H)
+            y = torch.fft.irfft(x_f * k_f.transpose(0, 1), n=2 * L, dim=1)[:, :L]  # (B, L, H)
+        return y + x * self.D[0].to(x.dtype)  # (B, L, H)
+
+    def _head(self, y: Tensor) -> Tensor:
+        """Pointwise part shared by both modes: GELU -> dropout -> output linear (-> GLU)."""
+        y = self.output_linear(self.dropout(F.gelu(y)))
+        return F.glu(y, dim=-1) if self.glu else y
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u: (B, L, H) -> (B, L, H)."""
+        return self._head(self.fft_conv(u).to(u.dtype))
+
+    # -- recurrent mode --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def setup_step(self, mode: str = "auto") -> None:
+        """Precompute the recurrent system from the current parameters (idempotent; redo after updates/.to()).
+
+        mode: "auto" (modal float64 unless ill-conditioned), "modal", or "dense" (exact, slower).
+        """
+        if self.bidirectional:
+            raise UserError("S4Block(bidirectional=True) has no recurrent (step) mode")
+        if mode not in ("auto", "modal", "dense"):
+            raise UserError(f"unknown S4 step mode {mode!r}; expected auto, modal or dense")
+        D = self.D.double()[0]  # (H,)
+        if mode in ("auto", "modal"):
+            lam, c, cond = self.kernel.modal_system()  # (H, N), (1, H, N)
+            if mode == "modal" or cond < _MAX_MODAL_COND:
+                # An extra mode with pole 0 and weight D carries the skip term: its state is just u_t.
+                self._lam = F.pad(lam, (0, 1))  # (H, N+1) complex128
+                self._c = torch.cat([c[0], D.to(c.dtype).unsqueeze(-1)], dim=-1).conj()  # (H, N+1), conjugated for vecdot
+                self._step_mode = "modal"
+                return
+            warnings.warn(f"S4 step: eigenvector condition number {cond:.1e} too large for the modal step; using dense")
+        dA, dB, C = self.kernel.step_system()
+        self._dA, self._dB, self._dC, self._D = dA, dB, C[0], D  # (H, N, N), (H, N), (H, N), (H,)
+        self._step_mode = "dense"
+
+    def default_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """Zero recurrent state: (batch, H, N+1) complex128 (modal) or (batch, H, N) (dense)."""
+        if self._step_mode is None:
+            self.setup_step()
+        size = self._lam.shape[-1] if self._step_mode == "modal" else self.d_state
+        device = self.D.device if device is None else device
+        return torch.zeros(batch, self.d_model, size, dtype=torch.complex128, device=device)
+
+    def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One time step: u (B, H) -> y (B, H); state from :meth:`default_state` or a previous step."""
+        u64 = u.to(torch.float64).unsqueeze(-1)  # (B, H, 1)
+        if self._step_mode == "modal":
+            state = torch.addcmul(u64, self._lam, state)  # s_t = lambda-bar s_{t-1} + u_t, (B, H, N+1)
+            y = torch.linalg.vecdot(self._c, state).real  # Re(c-hat . s_t) + D u_t, (B, H)
+        elif self._step_mode == "dense":
+            state = torch.einsum("hmn,bhn->bhm", self._dA, state) + self._dB * u64  # (B, H, N)
+            y = torch.einsum("hn,bhn->bh", self._dC, state).real + self._D * u64[..., 0]  # (B, H)
+        else:
+            raise RuntimeError("call setup_step() before step()")
+        return self._head(y.to(u.dtype)), state
+
+    # -- official checkpoints --------------------------------------------------------------------
+
+    def load_official_state_dict(self, sd: Mapping[str, Tensor], strict: bool = True):
+        """Load a state-spaces/s4 (v4) S4Block state dict (keys layer.D, layer.kernel.*, output_linear.0.*)."""
+        return self.load_state_dict({official_s4_key(k): v for k, v in sd.items()}, strict=strict)
+
+
+def official_s4_key(key: str) -> str:
+    """Map one key of an official v4 S4Block state dict onto ours (see the module docstring)."""
+    if key.startswith("layer."):
+        return key[len("layer.") :]
+    if key.startswith("output_linear.0."):
+        return "output_linear." + key[len("output_linear.0.") :]
+    raise UserError(f"unexpected key {key!r} in an official S4Block state dict")
+
+
+def convert_v3_kernel_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Convert an "S4 v3" SSKernelNPLR state dict (log_dt, inv_w_real, w_imag, B, P, C, L) to our kernel names.
+
+    Keys may carry a common prefix (e.g. 'kernel.kernel.'); the result has the same prefix replaced by
+    nothing, i.e. keys inv_dt, A_real, A_imag, B, P, C, l_kernel ready to load into :class:`S4Kernel`.
+    dt = exp(log_dt) is re-expressed as inv_dt = softplus^{-1}(dt) (computed in float64).
+    """
+    names = {"log_dt", "inv_w_real", "w_imag", "B", "P", "C", "L"}
+    found = {k.rsplit(".", 1)[-1]: v for k, v in sd.items() if k.rsplit(".", 1)[-1] in names}
+    missing = names - found.keys()
+    if missing:
+        raise UserError(f"S4 v3 kernel state is missing {', '.join(sorted(missing))}")
+    log_dt = found["log_dt"]
+    dt = torch.exp(log_dt.double())
+    inv_dt = (dt + torch.log(-torch.expm1(-dt))).to(log_dt.dtype).unsqueeze(-1)  # (H, 1)
+    return {
+        "inv_dt": inv_dt,
+        "C": found["C"],
+        "B": found["B"],
+        "A_real": found["inv_w_real"],
+        "A_imag": -found["w_imag"],
+        "P": found["P"],
+        "l_kernel": found["L"].to(torch.int64),
+    }
+
+
+def convert_v3_s4_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a whole "S4 v3" S4 module state dict (D, kernel.kernel.*, output_linear.0.*) to S4Block keys."""
+    out = {"D": sd["D"]}
+    out.update({"kernel." + k: v for k, v in convert_v3_kernel_state(
+        {k: v for k, v in sd.items() if k.startswith("kernel.")}).items()})
+    for name in ("weight", "bias"):
+        v = sd[f"output_linear.0.{name}"]
+        out[f"output_linear.{name}"] = v.reshape(v.shape[0], -1) if name == "weight" else v.reshape(-1)
+    return out

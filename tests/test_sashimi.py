@@ -1,0 +1,220 @@
+"""SaShiMi backbone: pooling layouts, parameter counts, causality, step == conv."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sashimi.errors import UserError
+from sashimi.models import MODELS, build_model, count_parameters
+from sashimi.models.sashimi import (
+    ChannelNorm,
+    DownPool,
+    FFBlock,
+    ResidualBlock,
+    SaShiMi,
+    UpPool,
+    WNLinear,
+    param_count,
+)
+
+
+def _tiny(**kw) -> SaShiMi:
+    args = dict(d_model=8, n_layers=1, pool=(4, 4), expand=2, ff=2, glu=False)
+    args.update(kw)
+    return SaShiMi(**args).eval()
+
+
+def _step_all(model: SaShiMi, x: torch.Tensor) -> torch.Tensor:
+    model.setup_step()
+    state = model.default_state(x.shape[0])
+    out = []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state)
+        out.append(y)
+    return torch.stack(out, 1)  # (B, L, 256)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def test_registry_and_interface():
+    assert MODELS["sashimi"] is SaShiMi
+    assert SaShiMi.kind == "ar" and SaShiMi.context == 0
+    m = build_model("sashimi", d_model=8, n_layers=1)
+    x = torch.randint(0, 256, (2, 32))
+    assert m(x).shape == (2, 32, 256)
+
+
+def test_weight_norm_linear():
+    lin = WNLinear(5, 3).double()
+    v, g = lin.weight_v, lin.weight_g
+    assert v.shape == (3, 5) and g.shape == (3, 1)
+    torch.testing.assert_close(lin.weight, v)  # init: g = ||v||, so W = v
+    with torch.no_grad():
+        g.mul_(torch.tensor([[2.0], [3.0], [0.5]], dtype=torch.float64))
+    torch.testing.assert_close(lin.weight.norm(dim=1), g[:, 0])
+
+
+def test_channel_norm_scalar_no_eps():
+    n = ChannelNorm().double()
+    with torch.no_grad():
+        n.m.fill_(0.3)
+        n.s.fill_(1.7)
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(n(x), 1.7 / std * (x - mean + 0.3))
+    assert n.m.shape == (1,) and n.s.shape == (1,)
+
+
+def test_downpool_matches_official_layout():
+    """Input feature h*s + j of the linear is channel h at time l*s + j."""
+    H, s, L = 3, 4, 12
+    dp = DownPool(H, 5, stride=s).double()
+    x = torch.randn(2, L, H, dtype=torch.float64)
+    feats = torch.stack(
+        [torch.stack([x[:, l * s + j, h] for h in range(H) for j in range(s)], -1) for l in range(L // s)], 1
+    )  # (B, L/s, H*s), feature h*s + j
+    ref = feats @ dp.linear.weight.T + dp.linear.bias
+    torch.testing.assert_close(dp(x), ref)
+    dp.setup_step()
+    torch.testing.assert_close(dp.fire([x[:, j] for j in range(s)]), ref[:, 0])
+
+
+def test_uppool_matches_official_layout_and_is_shifted():
+    """Output feature h*s + j goes to time l*s + j, one pooled step later; zeros first."""
+    Hi, Ho, s, Lp = 6, 3, 4, 5
+    up = UpPool(Hi, Ho, stride=s).double()
+    x = torch.randn(2, Lp, Hi, dtype=torch.float64)
+    y = x @ up.linear.weight.T + up.linear.bias  # (B, Lp, Ho*s)
+    ref = torch.zeros(2, Lp * s, Ho, dtype=torch.float64)
+    for l in range(1, Lp):
+        for h in range(Ho):
+            for j in range(s):
+                ref[:, l * s + j, h] = y[:, l - 1, h * s + j]
+    torch.testing.assert_close(up(x), ref)
+    up.setup_step()
+    outs = up.refill(x[:, 0])
+    torch.testing.assert_close(torch.stack(outs, 1), ref[:, s : 2 * s])
+    up_nc = UpPool(Hi, Ho, stride=s, causal=False).double()
+    up_nc.load_state_dict(up.state_dict())
+    torch.testing.assert_close(up_nc(x)[:, : (Lp - 1) * s], ref[:, s:])
+
+
+def test_ff_and_residual_block():
+    ff = FFBlock(4, expand=2)
+    assert ff.linear1.weight.shape == (8, 4) and ff.linear2.weight.shape == (4, 8)
+    blk = ResidualBlock(4, ff)
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(blk(x), x + ff(blk.norm(x)))
+    y, st = blk.step(x[:, 0], blk.default_state(3))
+    torch.testing.assert_close(y, blk(x)[:, 0])
+    assert st is None
+    assert sum(p.numel() for p in FFBlock(4, weight_norm=True).parameters()) == 8 * 4 + 8 + 8 + 4 * 8 + 4 + 4
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    "n_layers, glu, expected",
+    [(2, False, 1_287_192), (4, False, 2_211_248), (6, False, 3_135_304), (8, False, 4_059_360),
+     (8, True, 4_751_072)],
+)  # fmt: skip
+def test_paper_parameter_counts(n_layers, glu, expected):
+    kw = dict(d_model=64, n_layers=n_layers, pool=(4, 4), expand=2, ff=2, glu=glu)
+    assert param_count(**kw) == expected
+    assert count_parameters(SaShiMi(**kw)) == expected
+
+
+@pytest.mark.parametrize("kw", [dict(unet=True), dict(bidirectional=True, unet=True), dict(ff=0, pool=(2, 2, 2))])
+def test_param_count_formula_other_variants(kw):
+    args = dict(d_model=8, n_layers=2, glu=True, **kw)
+    assert count_parameters(SaShiMi(**args)) == param_count(**args)
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_causal():
+    torch.manual_seed(1)
+    m = _tiny().double()
+    x = torch.randint(0, 256, (2, 64))
+    base = m(x)
+    for t in (0, 5, 15, 16, 17, 40, 63):
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 77) % 256
+        out = m(x2)
+        if t > 0:
+            assert (out[:, :t] - base[:, :t]).abs().max().item() < 1e-12, t
+        assert (out[:, t] - base[:, t]).abs().max().item() > 1e-6, t  # x[t] does reach y[t]
+
+
+def test_length_not_divisible_is_padded_for_causal_and_rejected_for_bidirectional():
+    m = _tiny().double()
+    x = torch.randint(0, 256, (2, 50))
+    full = m(torch.nn.functional.pad(x, (0, 14), value=3))  # anything after 50 is irrelevant
+    torch.testing.assert_close(m(x), full[:, :50])
+    bi = _tiny(bidirectional=True, unet=True)
+    with pytest.raises(UserError, match="divisible"):
+        bi(x)
+    with pytest.raises(UserError, match="bidirectional"):
+        bi.setup_step()
+
+
+def test_bidirectional_is_not_causal():
+    m = _tiny(bidirectional=True, unet=True).double()
+    x = torch.randint(0, 256, (1, 32))
+    x2 = x.clone()
+    x2[:, 20] = (x2[:, 20] + 1) % 256
+    assert (m(x2)[:, :20] - m(x)[:, :20]).abs().max() > 1e-6
+
+
+def test_step_matches_conv_long_float32():
+    """>= 1024 recurrent steps agree with the convolution (random init, float32)."""
+    torch.manual_seed(2)
+    m = _tiny(d_model=16, glu=True)
+    x = torch.randint(0, 256, (2, 1024))
+    with torch.no_grad():
+        conv = m(x)
+    step = _step_all(m, x)
+    err = (step - conv).abs().max().item()
+    assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("kw", [dict(unet=True), dict(pool=(2, 4, 2), expand=1, ff=0)])
+def test_step_matches_conv_variants_float64(kw):
+    torch.manual_seed(3)
+    m = _tiny(**kw).double()
+    x = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        conv = m(x)
+    torch.testing.assert_close(_step_all(m, x), conv, atol=1e-8, rtol=1e-8)
+
+
+def test_step_requires_setup_and_state_is_fresh_after_dtype_change():
+    m = _tiny()
+    with pytest.raises(RuntimeError, match="setup_step"):
+        m.default_state(1)
+    m.setup_step()
+    m.double()  # caches are stale now
+    with pytest.raises(RuntimeError, match="setup_step"):
+        m.step(torch.zeros(1, dtype=torch.long), {})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SASHIMI_SLOW_TESTS"), reason="torch.compile takes minutes on a 2-core CPU; set SASHIMI_SLOW_TESTS=1")
+def test_compiled_step_matches_eager():
+    torch.manual_seed(4)
+    m = _tiny()
+    x = torch.randint(0, 256, (1, 48))
+    eager = _step_all(m, x)
+    m.setup_step(compile=True)
+    state = m.default_state(1)
+    out = []
+    for t in range(x.shape[1]):
+        y, state = m.step(x[:, t], state)
+        out.append(y)
+    torch.testing.assert_close(torch.stack(out, 1), eager, atol=1e-4, rtol=1e-4)
