@@ -23,7 +23,11 @@ def _hz_to_mel(f):
     f = np.asarray(f, dtype=np.float64)
     f_sp, min_log_hz = 200.0 / 3, 1000.0
     logstep = np.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
+    return np.where(
+        f >= min_log_hz,
+        min_log_hz / f_sp + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep,
+        f / f_sp,
+    )
 
 
 def _mel_to_hz(m):
@@ -69,7 +73,9 @@ def _test_signals():
 def test_logmel_matches_numpy_librosa_formulas():
     front = C.LogMel()
     W = _np_logmel(np.zeros(SR), return_fb=True)  # (32, 1025) Slaney mel filters, Slaney norm
-    np.testing.assert_allclose(front.mel.mel_scale.fb.T.numpy(), W, rtol=1e-5, atol=3e-8)  # float32 build
+    np.testing.assert_allclose(
+        front.mel.mel_scale.fb.T.numpy(), W, rtol=1e-5, atol=3e-8
+    )  # float32 build
     for x in _test_signals():
         x1 = C.fix_length(torch.as_tensor(x), SR).numpy()
         ref = _np_logmel(x1)  # (32, 32)
@@ -106,7 +112,11 @@ def test_shapes_tiny_and_full():
     assert full.feature_dim == 1024 and full.fc.in_features == 1024 and full.fc.out_features == 10
     assert [s[-1].expand.out_channels for s in full.stages] == [256, 512, 1024]
     assert [s[0].grouped.groups for s in full.stages] == [8, 8, 8]
-    assert [s[0].grouped.out_channels for s in full.stages] == [512, 1024, 2048]  # 8 x (64, 128, 256)
+    assert [s[0].grouped.out_channels for s in full.stages] == [
+        512,
+        1024,
+        2048,
+    ]  # 8 x (64, 128, 256)
     assert C.count_parameters(full) == 34_425_546
     with pytest.raises(UserError, match="depth"):
         C.DigitClassifier(depth=30)
@@ -117,15 +127,14 @@ FREQS = np.geomspace(250, 5000, 10)  # class k is a tone at FREQS[k] (distinct m
 
 
 def _tones(n, seed, length=SR):
-    """Separable 10-class data: a tone of class frequency, random onset/length/amplitude + noise."""
+    """Separable 10-class data: a steady tone at the class frequency, random amplitude and phase,
+    a little noise, and a random silent tail (so padding is seen)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10
     t = np.arange(length) / SR
     x = np.zeros((n, length), dtype=np.float32)
     for i, k in enumerate(labels):
-        on = rng.uniform(0, 0.4)
-        dur = rng.uniform(0.3, 0.6)
-        env = ((t >= on) & (t < on + dur)).astype(np.float64)
+        env = (t < rng.uniform(0.6, 1.0)).astype(np.float64)
         x[i] = rng.uniform(0.2, 0.8) * env * np.sin(2 * np.pi * FREQS[k] * t + rng.uniform(0, 6.3))
         x[i] += 0.01 * rng.normal(size=length)
     return x, labels.astype(np.int64)
@@ -137,21 +146,17 @@ def _write_prepared(d: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]):
         np.save(d / f"{split}.audio.npy", x.reshape(-1).astype(np.float32))
         np.save(d / f"{split}.offsets.npy", np.arange(len(x) + 1, dtype=np.int64) * x.shape[1])
         np.save(d / f"{split}.labels.npy", y)
-    (d / "manifest.json").write_text(json.dumps({"dataset": "tones", "splits": {s: {"clips": len(v[0])} for s, v in splits.items()}}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {"dataset": "tones", "splits": {s: {"clips": len(v[0])} for s, v in splits.items()}}
+        )
+    )
     return d
-
-
-class _Arr:
-    def __init__(self, x):
-        self.x = x
-
-    def clip(self, i):
-        return self.x[i]
 
 
 @pytest.fixture(scope="module")
 def tone_data():
-    return {"train": _tones(300, 1), "validation": _tones(60, 2), "test": _tones(100, 3)}
+    return {"train": _tones(160, 1), "validation": _tones(40, 2), "test": _tones(100, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +165,19 @@ def tone_model(tone_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "best.pt"
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
     t0 = time.time()
-    model = C.train_classifier(C.LabelledWaves(_Arr(xt), yt), C.LabelledWaves(_Arr(xv), yv), out,
-                               epochs=4, batch_size=32, lr=0.05, seed=0, device="cpu", log=None, **TINY)
+    model = C.train_classifier(
+        C.LabelledWaves(xt, yt),
+        C.LabelledWaves(xv, yv),
+        out,
+        epochs=5,
+        batch_size=16,
+        lr=0.02,
+        seed=0,
+        device="cpu",
+        log=None,
+        augment=False,
+        **TINY,
+    )  # pitch-shift augmentation would blur tone classes
     return model, out, time.time() - t0
 
 
@@ -170,16 +186,25 @@ def test_tiny_classifier_learns_tones(tone_model, tone_data):
     x, y = tone_data["test"]
     acc = float((model.probs(torch.from_numpy(x)).argmax(-1).numpy() == y).mean())
     assert acc >= 0.9, acc
-    assert seconds < 30
+    assert seconds < 60  # ~10 s on a quiet 2-core machine
     assert (out.parent / "last.pt").is_file() and (out.parent / "train_log.csv").is_file()
     ck = torch.load(out, weights_only=False)
     assert ck["kind"] == "classifier" and ck["model_kwargs"]["width"] == TINY["width"]
-    assert set(ck) >= {"model", "optimizer", "scheduler", "rng", "step", "epoch", "best_val", "config"}
+    assert set(ck) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "step",
+        "epoch",
+        "best_val",
+        "config",
+    }
 
 
 def test_train_resumes_from_last(tone_data, tmp_path):
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
-    tr, va = C.LabelledWaves(_Arr(xt[:64]), yt[:64]), C.LabelledWaves(_Arr(xv[:20]), yv[:20])
+    tr, va = C.LabelledWaves(xt[:64], yt[:64]), C.LabelledWaves(xv[:20], yv[:20])
     out, logs = tmp_path / "best.pt", []
     C.train_classifier(tr, va, out, epochs=1, batch_size=32, device="cpu", log=logs.append, **TINY)
     C.train_classifier(tr, va, out, epochs=2, batch_size=32, device="cpu", log=logs.append, **TINY)
@@ -187,8 +212,12 @@ def test_train_resumes_from_last(tone_data, tmp_path):
     last = torch.load(tmp_path / "last.pt", weights_only=False)
     assert last["epoch"] == 2 and last["step"] == 4
     assert (tmp_path / "train_log.csv").read_text().count("validation") == 2
-    with pytest.raises(UserError, match="trained with"):  # a different architecture refuses to resume
-        C.train_classifier(tr, va, out, epochs=3, batch_size=32, device="cpu", log=None, width=0.125, depth=11)
+    with pytest.raises(
+        UserError, match="trained with"
+    ):  # a different architecture refuses to resume
+        C.train_classifier(
+            tr, va, out, epochs=3, batch_size=32, device="cpu", log=None, width=0.125, depth=11
+        )
 
 
 def test_augment_shapes_and_determinism():
@@ -207,14 +236,46 @@ def test_augment_shapes_and_determinism():
 def test_cli_train_and_test(tone_data, tmp_path, tone_model):
     from sashimi.cli import main
 
-    prep = _write_prepared(tmp_path / "prep", {k: (v[0][:40], v[1][:40]) for k, v in tone_data.items()})
+    prep = _write_prepared(
+        tmp_path / "prep", {k: (v[0][:40], v[1][:40]) for k, v in tone_data.items()}
+    )
     ckpt = tmp_path / "clf" / "model.pt"
-    rc = main(["classifier", "train", "--prepared", str(prep), "--out", str(ckpt), "--width", "0.0625",
-               "--depth", "11", "--epochs", "1", "--batch-size", "20", "--device", "cpu"])
+    rc = main(
+        [
+            "classifier",
+            "train",
+            "--prepared",
+            str(prep),
+            "--out",
+            str(ckpt),
+            "--width",
+            "0.0625",
+            "--depth",
+            "11",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0 and ckpt.is_file() and (tmp_path / "clf" / "model.last.pt").is_file()
     # test with the well-trained tone classifier
-    rc = main(["classifier", "test", "--ckpt", str(tone_model[1]), "--prepared", str(prep),
-               "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    rc = main(
+        [
+            "classifier",
+            "test",
+            "--ckpt",
+            str(tone_model[1]),
+            "--prepared",
+            str(prep),
+            "--out",
+            str(tmp_path / "eval"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "eval" / "classifier_metrics.json").read_text())
     assert res["n"] == 40 and res["accuracy"] >= 0.9
@@ -222,7 +283,9 @@ def test_cli_train_and_test(tone_data, tmp_path, tone_model):
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
     assert "| **0** |" in (tmp_path / "eval" / "confusion.md").read_text()
     assert (tmp_path / "eval" / "confusion.csv").read_text().count("\n") == 11
-    assert main(["classifier", "train", "--prepared", str(prep)]) == 2  # missing --out: one-line error
+    assert (
+        main(["classifier", "train", "--prepared", str(prep)]) == 2
+    )  # missing --out: one-line error
 
 
 def test_run_config_resolution():
@@ -238,8 +301,13 @@ def test_run_config_resolution():
     P = load_params(params, scale="paper")
     if "classifier-sc09" not in P.runs:
         pytest.skip("no classifier-sc09 run in params.yaml")
-    ns = argparse.Namespace(params=str(params), run="classifier-sc09", prepared=None, out=None,
-                            **{k: None for k in C._PAPER_DEFAULTS})
+    ns = argparse.Namespace(
+        params=str(params),
+        run="classifier-sc09",
+        prepared=None,
+        out=None,
+        **{k: None for k in C._PAPER_DEFAULTS},
+    )
     import os
 
     old = os.environ.get("SASHIMI_SCALE")
@@ -260,9 +328,18 @@ def test_run_config_resolution():
 
 
 # ----------------------------------------------------------------------------- scoring
-def test_score_samples_orders_real_noise_silence(tone_model, tone_data, tmp_path):
+@pytest.fixture(scope="module")
+def tone_ref(tone_data, tmp_path_factory):
+    """A prepared reference folder (train + test tones) and a shared statistics cache."""
+    d = tmp_path_factory.mktemp("ref")
+    return _write_prepared(
+        d / "prep", {"train": tone_data["train"], "test": tone_data["test"]}
+    ), d / "cache"
+
+
+def test_score_samples_orders_real_noise_silence(tone_model, tone_data, tone_ref, tmp_path):
     model = tone_model[0]
-    ref = _write_prepared(tmp_path / "ref", {"train": tone_data["train"]})
+    ref, _ = tone_ref
     held = tone_data["test"][0]
     noise = np.random.default_rng(5).normal(size=held.shape).astype(np.float32) * 0.3
     silence = np.zeros_like(held)
@@ -273,22 +350,25 @@ def test_score_samples_orders_real_noise_silence(tone_model, tone_data, tmp_path
     assert set(s_real) == {"fid", "is", "is_textbook", "mis", "am", "n_scored", "n_generated"}
     assert s_real["fid"] < s_noise["fid"] and s_real["fid"] < s_sil["fid"]
     assert s_real["is"] > s_noise["is"] and s_real["is"] > s_sil["is"]
-    assert s_real["is"] > 5 and s_sil["is"] == pytest.approx(1.0)
+    assert s_sil["is"] == pytest.approx(1.0) and s_sil["is_textbook"] == pytest.approx(1.0)
+    assert s_real["is_textbook"] > s_noise["is_textbook"] and s_real["mis"] > s_noise["mis"]
     assert s_real["am"] < s_noise["am"]
     assert len(list(cache.glob("ref_stats_*.npz"))) == 1  # computed once, reused
     # the cache is keyed by the classifier: another model gets its own file
-    C.score_samples(held[:10], C.DigitClassifier(**TINY).eval(), ref, autoregressive=False, cache_dir=cache)
+    C.score_samples(
+        held[:10], C.DigitClassifier(**TINY).eval(), ref, autoregressive=False, cache_dir=cache
+    )
     assert len(list(cache.glob("ref_stats_*.npz"))) == 2
     # cached stats give the same numbers
     again = C.score_samples(held, model, ref, autoregressive=False, cache_dir=cache)
     assert again == s_real
 
 
-def test_score_samples_autoregressive_protocol(tone_model, tone_data, tmp_path):
+def test_score_samples_autoregressive_protocol(tone_model, tone_data, tone_ref, tmp_path):
     from sashimi.io import write_wav
 
     model = tone_model[0]
-    ref = _write_prepared(tmp_path / "ref", {"train": tone_data["train"]})
+    ref, cache = tone_ref
     x = tone_data["test"][0][:40]
     paths = []
     for i, clip in enumerate(x):  # as files, one at 8 kHz (resampled on reading)
@@ -296,27 +376,29 @@ def test_score_samples_autoregressive_protocol(tone_model, tone_data, tmp_path):
         if i == 0:
             import torchaudio
 
-            write_wav(p, torchaudio.functional.resample(torch.from_numpy(clip), SR, 8000).numpy(), sr=8000)
+            write_wav(
+                p, torchaudio.functional.resample(torch.from_numpy(clip), SR, 8000).numpy(), sr=8000
+            )
         else:
             write_wav(p, clip)
         paths.append(p)
     ll = np.random.default_rng(0).normal(size=40)
-    s = C.score_samples(paths, model, ref, loglik=ll, autoregressive=True)
+    s = C.score_samples(paths, model, ref, loglik=ll, autoregressive=True, cache_dir=cache)
     assert s["n_generated"] == 40 and s["n_scored"] == 11  # 20 held out, drop 8 low and 1 high
     from sashimi import metrics
 
     idx = metrics.select_paper_subset(ll)
-    direct = C.score_samples(x[idx], model, ref, autoregressive=False)
+    direct = C.score_samples(x[idx], model, ref, autoregressive=False, cache_dir=cache)
     assert s["is"] == pytest.approx(direct["is"], rel=1e-3)
     with pytest.raises(UserError, match="log-likelihoods"):
         C.score_samples(paths, model, ref, loglik=None, autoregressive=True)
 
 
-def test_score_real_split(tone_model, tone_data, tmp_path):
-    ref = _write_prepared(tmp_path / "ref", {"train": tone_data["train"], "test": tone_data["test"]})
-    tr = C.score_real_split(ref, "train", tone_model[0])
-    te = C.score_real_split(ref, "test", tone_model[0], max_clips=50)
-    assert tr["fid"] == pytest.approx(0.0, abs=1e-6) and tr["n_scored"] == 300
+def test_score_real_split(tone_model, tone_ref):
+    ref, cache = tone_ref
+    tr = C.score_real_split(ref, "train", tone_model[0], cache_dir=cache)
+    te = C.score_real_split(ref, "test", tone_model[0], max_clips=50, cache_dir=cache)
+    assert tr["fid"] == pytest.approx(0.0, abs=1e-6) and tr["n_scored"] == 160
     assert te["n_scored"] == 50 and te["n_generated"] == 100 and te["fid"] > 0
 
 
@@ -343,11 +425,39 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
     perm = np.random.default_rng(0).permutation(len(tr))
     val, fit = perm[:75], perm[75:]
     model = C.train_classifier(
-        C.LabelledWaves(_Arr(xtr), labels[tr], indices=fit), C.LabelledWaves(_Arr(xtr), labels[tr], indices=val),
-        None, epochs=30, max_minutes=0.33, batch_size=32, lr=0.05, device="cpu", log=None, **TINY)
+        C.LabelledWaves(xtr, labels[tr], indices=fit),
+        C.LabelledWaves(xtr, labels[tr], indices=val),
+        None,
+        epochs=30,
+        max_minutes=0.33,
+        batch_size=32,
+        lr=0.05,
+        device="cpu",
+        log=None,
+        **TINY,
+    )
     held = C.score_samples(xte, model, ref, autoregressive=False)
-    noise = C.score_samples(np.random.default_rng(0).normal(size=xte.shape).astype(np.float32) * 0.1,
-                            model, ref, autoregressive=False)
+    noise = C.score_samples(
+        np.random.default_rng(0).normal(size=xte.shape).astype(np.float32) * 0.1,
+        model,
+        ref,
+        autoregressive=False,
+    )
     silence = C.score_samples(np.zeros_like(xte), model, ref, autoregressive=False)
     assert held["fid"] < noise["fid"] and held["fid"] < silence["fid"]
     assert held["is"] > noise["is"] and held["is"] > silence["is"]
+
+
+def test_recalibrate_bn_is_the_plain_average():
+    """Precise BN: running mean = mean of the batch means; momentum restored afterwards."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    x = torch.randn(64, 3) * 3 + 1
+    data = torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long))
+    net.eval()
+    C.recalibrate_bn(net, data, n_batches=4, batch_size=16, seed=0)
+    bn = net[1]
+    with torch.no_grad():
+        h = net[0](x)  # all 64 rows are used (4 x 16), in some order
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
+    assert bn.momentum == 0.1 and not net.training

@@ -26,7 +26,9 @@ from sashimi.data.quantize import ZERO_TOKEN, encode
 from sashimi.errors import UserError
 
 
-def _write_prepared(folder: Path, clips: dict[str, list[np.ndarray]], labels: dict[str, list[int]] | None = None) -> Path:
+def _write_prepared(
+    folder: Path, clips: dict[str, list[np.ndarray]], labels: dict[str, list[int]] | None = None
+) -> Path:
     """The contract's layout, written directly (independent of `prepare`)."""
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -38,7 +40,14 @@ def _write_prepared(folder: Path, clips: dict[str, list[np.ndarray]], labels: di
         if labels is not None:
             np.save(folder / f"{split}.labels.npy", np.array(labels[split], dtype=np.int64))
         splits[split] = {"clips": len(xs), "samples": int(offsets[-1])}
-    manifest = {"dataset": "toy", "source": "test", "sample_rate": 16000, "splits": splits, "inputs_sha256": "", "skipped": []}
+    manifest = {
+        "dataset": "toy",
+        "source": "test",
+        "sample_rate": 16000,
+        "splits": splits,
+        "inputs_sha256": "",
+        "skipped": [],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -52,7 +61,9 @@ def test_youtubemix_like_chunk_count(tmp_path):
     s = load_split(d, "train")
     ds = AutoregressiveDataset(s, "mu-law", chunk_length=131_072)
     assert len(ds) == 14  # 7 chunks per 60 s clip, remainder dropped
-    assert ds.starts.tolist() == [k * 131_072 for k in range(7)] + [960_000 + k * 131_072 for k in range(7)]
+    assert ds.starts.tolist() == [k * 131_072 for k in range(7)] + [
+        960_000 + k * 131_072 for k in range(7)
+    ]
     x, y = ds[8]  # second chunk of the second clip
     chunk = torch.from_numpy(s.audio[960_000 + 131_072 : 960_000 + 2 * 131_072].copy())
     assert torch.equal(y, encode(chunk, "mu-law"))  # quantised per chunk (min-max over the chunk)
@@ -78,7 +89,9 @@ def test_shift_and_context_padding(tmp_path):
 
 
 def test_collate_pads_x_with_128_and_y_with_ignore_index(tmp_path):
-    d = _write_prepared(tmp_path / "d", {"train": [_noise(16000, 0), _noise(12971, 1), _noise(50, 2)]})
+    d = _write_prepared(
+        tmp_path / "d", {"train": [_noise(16000, 0), _noise(12971, 1), _noise(50, 2)]}
+    )
     ds = AutoregressiveDataset(load_split(d, "train"), "mu-law", context=2)
     x, y = collate_autoregressive([ds[0], ds[1], ds[2]])
     assert x.shape == (3, 16002) and y.shape == (3, 16000)
@@ -138,11 +151,21 @@ def test_load_split_errors_and_pickling(tmp_path):
 
 
 def test_make_loader_with_worker(tmp_path):
-    d = _write_prepared(tmp_path / "d", {"train": [_noise(5000, i) for i in range(6)], "validation": [_noise(900, 9)]})
-    dl = make_loader(d, "train", quantization="linear", chunk_length=2000, batch_size=4, num_workers=1, seed=0)
+    d = _write_prepared(
+        tmp_path / "d",
+        {"train": [_noise(5000, i) for i in range(6)], "validation": [_noise(900, 9)]},
+    )
+    dl = make_loader(
+        d, "train", quantization="linear", chunk_length=2000, batch_size=4, num_workers=1, seed=0
+    )
     batches = list(dl)
     assert [tuple(b[0].shape) for b in batches] == [(4, 2000), (4, 2000), (4, 2000)]
-    again = [b[1] for b in make_loader(d, "train", quantization="linear", chunk_length=2000, batch_size=4, seed=0)]
+    again = [
+        b[1]
+        for b in make_loader(
+            d, "train", quantization="linear", chunk_length=2000, batch_size=4, seed=0
+        )
+    ]
     assert all(torch.equal(a[1], b) for a, b in zip(batches, again))  # same seed, same order
     (w,) = list(make_loader(d, "validation", kind="waveform", length=1000, batch_size=2))
     assert w.shape == (1, 1000)
@@ -187,7 +210,9 @@ def test_fsdd_subset_through_datasets(shared_data_dir, tmp_path):
     ds = WaveformDataset(load_split(tmp_path / "fsdd", "train"), 16000, return_label=True)
     x, label = ds[0]
     assert x.shape == (16000,) and label == 0 and x.abs().max() > 0.01
-    xs, ys = collate_autoregressive([AutoregressiveDataset(ds.split, "mu-law")[i] for i in range(3)])
+    xs, ys = collate_autoregressive(
+        [AutoregressiveDataset(ds.split, "mu-law")[i] for i in range(3)]
+    )
     assert xs.shape[0] == 3 and (ys >= IGNORE_INDEX).all()
 
 

@@ -27,7 +27,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
-        srv.requests.append({"path": self.path, "range": self.headers.get("Range"), "auth": self.headers.get("Authorization")})
+        srv.requests.append(
+            {
+                "path": self.path,
+                "range": self.headers.get("Range"),
+                "auth": self.headers.get("Authorization"),
+            }
+        )
         if self.path in srv.status:
             body = b"denied"
             self.send_response(srv.status[self.path])
@@ -94,10 +100,16 @@ def _zip(members: dict[str, bytes], top: str = "") -> bytes:
     return buf.getvalue()
 
 
-FILES = {"zero/a.wav": b"RIFF" + bytes(range(256)) * 40, "validation_list.txt": b"zero/a.wav\n", "one/b.wav": b"x" * 5000}
+FILES = {
+    "zero/a.wav": b"RIFF" + bytes(range(256)) * 40,
+    "validation_list.txt": b"zero/a.wav\n",
+    "one/b.wav": b"x" * 5000,
+}
 
 
-def _register(monkeypatch, server, name: str, filename: str, data: bytes, *, gated=False, size=True, sha=True):
+def _register(
+    monkeypatch, server, name: str, filename: str, data: bytes, *, gated=False, size=True, sha=True
+):
     """Serve `data` as `filename` and point table entry `name` at it through the base-URL mirror."""
     server.files["/" + filename] = data
     src = D.Source(
@@ -111,7 +123,11 @@ def _register(monkeypatch, server, name: str, filename: str, data: bytes, *, gat
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != D.MARKER}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != D.MARKER
+    }
 
 
 def test_good_tar_gz(server, monkeypatch, tmp_path):
@@ -137,7 +153,9 @@ def test_truncated_then_resume(server, monkeypatch, tmp_path):
     data = _tar_gz(FILES)
     _register(monkeypatch, server, "toy", "toy.tar.gz", data)
     server.cuts = [len(data) // 3]
-    with pytest.raises(UserError, match="interrupted after .* run the same command again to resume"):
+    with pytest.raises(
+        UserError, match="interrupted after .* run the same command again to resume"
+    ):
         D.download("toy", tmp_path / "toy", retries=0, progress=False)
     part = tmp_path / ".archives" / "toy.tar.gz.part"
     assert part.stat().st_size == len(data) // 3
@@ -179,7 +197,9 @@ def test_wrong_checksum_leaves_nothing(server, monkeypatch, tmp_path):
 def test_size_mismatch_is_an_error(server, monkeypatch, tmp_path):
     data = _tar_gz(FILES)
     _register(monkeypatch, server, "toy", "toy.tar.gz", data, size=len(data) + 10)
-    with pytest.raises(UserError, match=f"server file is {len(data):,} bytes but {len(data) + 10:,}"):
+    with pytest.raises(
+        UserError, match=f"server file is {len(data):,} bytes but {len(data) + 10:,}"
+    ):
         D.download("toy", tmp_path / "toy", progress=False)
     assert not (tmp_path / "toy").exists()
     assert not any((tmp_path / ".archives").iterdir())
@@ -192,7 +212,11 @@ def test_401_explains_gated_access_and_token_stays_home(server, monkeypatch, tmp
     with pytest.raises(UserError) as e:
         D.download("beethoven", tmp_path / "b", progress=False)
     msg = str(e.value)
-    assert "HTTP 401" in msg and "huggingface.co/datasets/krandiash/beethoven" in msg and "HF_TOKEN" in msg
+    assert (
+        "HTTP 401" in msg
+        and "huggingface.co/datasets/krandiash/beethoven" in msg
+        and "HF_TOKEN" in msg
+    )
     assert "\n" not in msg
     assert server.requests[0]["auth"] is None  # the token is only sent to huggingface.co
 
@@ -210,7 +234,13 @@ def test_no_network_names_the_url(tmp_path):
 def test_custom_url_with_sha256(server, tmp_path):
     data = _zip(FILES)
     server.files["/x.zip"] = data
-    out = D.download("fsdd", tmp_path / "f", url=server.base + "/x.zip", sha256=hashlib.sha256(data).hexdigest(), progress=False)
+    out = D.download(
+        "fsdd",
+        tmp_path / "f",
+        url=server.base + "/x.zip",
+        sha256=hashlib.sha256(data).hexdigest(),
+        progress=False,
+    )
     assert _tree(out) == FILES
 
 
@@ -303,14 +333,43 @@ def test_hf_token_sources(monkeypatch, tmp_path):
 
 
 def test_table_and_cli(server, monkeypatch, tmp_path):
-    assert {"beethoven", "youtubemix", "sc09", "speech-commands-v2", "speech-commands-v1", "fsdd"} <= set(D.DATASETS)
+    assert {
+        "beethoven",
+        "youtubemix",
+        "sc09",
+        "speech-commands-v2",
+        "speech-commands-v1",
+        "fsdd",
+    } <= set(D.DATASETS)
     assert D.DATASETS["speech-commands-v2"].size == 2_428_923_189
     assert D.DATASETS["speech-commands-v1"].sha256.startswith("743935421bb5")
     assert D.DATASETS["beethoven"].gated and D.DATASETS["youtubemix"].gated
     from sashimi.cli import main
 
-    _register(monkeypatch, server, "fsdd", "v1.0.10.zip", _zip(FILES, top="free-spoken-digit-dataset-1.0.10/"))
+    _register(
+        monkeypatch,
+        server,
+        "fsdd",
+        "v1.0.10.zip",
+        _zip(FILES, top="free-spoken-digit-dataset-1.0.10/"),
+    )
     assert main(["download", "--dataset", "fsdd", "--out", str(tmp_path / "fsdd")]) == 0
     assert _tree(tmp_path / "fsdd") == FILES
     server.status["/v1.0.10.zip"] = 403
     assert main(["download", "--dataset", "fsdd", "--out", str(tmp_path / "f2")]) == 2
+
+
+def test_recover_dir_after_interrupted_replace(tmp_path):
+    target = tmp_path / "data"
+    old = tmp_path / ".data.old-abc"  # a crash between replace_dir's two renames leaves this
+    old.mkdir()
+    (old / "keep.txt").write_text("old")
+    (tmp_path / ".data.tmp-xyz").mkdir()  # an unfinished new folder
+    D.recover_dir(target)
+    assert (target / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "n.txt").write_text("new")
+    D.replace_dir(new, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (target / "n.txt").exists()

@@ -72,7 +72,12 @@ def _fid_eig(xg, xr):
     w, V = np.linalg.eigh(Sr)
     Sr_half = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
     lam = np.linalg.eigvalsh(Sr_half @ Sg @ Sr_half)
-    return float(np.sum((mu_g - mu_r) ** 2) + np.trace(Sg) + np.trace(Sr) - 2 * np.sum(np.sqrt(np.clip(lam, 0, None))))
+    return float(
+        np.sum((mu_g - mu_r) ** 2)
+        + np.trace(Sg)
+        + np.trace(Sr)
+        - 2 * np.sum(np.sqrt(np.clip(lam, 0, None)))
+    )
 
 
 def test_fid_matches_eigen_formula():
@@ -104,8 +109,12 @@ def test_fid_retries_with_offset(monkeypatch):
     Sg, Sr = np.cov(xg, rowvar=False), np.cov(xr, rowvar=False)
     E = 1e-4 * np.eye(4)
     assert np.allclose(calls[1], (Sr + E) @ (Sg + E))
-    expect = np.sum((xg.mean(0) - xr.mean(0)) ** 2) + np.trace(Sg) + np.trace(Sr) - 2 * np.trace(
-        np.real(real_sqrtm((Sr + E) @ (Sg + E))))
+    expect = (
+        np.sum((xg.mean(0) - xr.mean(0)) ** 2)
+        + np.trace(Sg)
+        + np.trace(Sr)
+        - 2 * np.trace(np.real(real_sqrtm((Sr + E) @ (Sg + E))))
+    )
     assert got == pytest.approx(float(expect), rel=1e-10)
 
 
@@ -162,7 +171,9 @@ def test_paper_is_equals_textbook_when_balanced():
     assert paper > 1.5
     # nearly: a large class-balanced sample from a noisy classifier
     q = _probs(4000, labels=np.arange(4000) % C, bonus=3.0, seed=6)
-    assert M.inception_score(q, paper=True) == pytest.approx(M.inception_score(q, paper=False), rel=0.03)
+    assert M.inception_score(q, paper=True) == pytest.approx(
+        M.inception_score(q, paper=False), rel=0.03
+    )
 
 
 def test_paper_is_exceeds_textbook_when_imbalanced():
@@ -203,7 +214,9 @@ def test_mis_against_loop_and_exact():
     for _ in range(3000):
         i, j = rs.choice(len(p), size=2, replace=True)
         kls.append(entropy(p[i], p[j]))
-    assert M.modified_inception_score(p, n=3000) == pytest.approx(float(np.exp(np.mean(kls))), rel=1e-12)
+    assert M.modified_inception_score(p, n=3000) == pytest.approx(
+        float(np.exp(np.mean(kls))), rel=1e-12
+    )
     # exact mean over all ordered pairs: brute force
     brute = np.exp(np.mean([[entropy(a, b) for b in p] for a in p]))
     assert M.modified_inception_score_exact(p) == pytest.approx(brute, rel=1e-10)

@@ -16,9 +16,20 @@ from sashimi.errors import UserError
 SR = 16000
 
 
-def _wav(path: Path, n: int = 1600, sr: int = SR, channels: int = 1, seed: int = 0, fmt: str | None = None) -> np.ndarray:
+def _wav(
+    path: Path,
+    n: int = 1600,
+    sr: int = SR,
+    channels: int = 1,
+    seed: int = 0,
+    fmt: str | None = None,
+) -> np.ndarray:
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = (0.5 * np.random.default_rng(seed).standard_normal((n, channels))).clip(-1, 1).astype(np.float32)
+    x = (
+        (0.5 * np.random.default_rng(seed).standard_normal((n, channels)))
+        .clip(-1, 1)
+        .astype(np.float32)
+    )
     sf.write(path, x, sr, format=fmt)
     return x
 
@@ -46,7 +57,11 @@ def test_sc09_sample_prepares_to_62_16_22(shared_data_dir, tmp_path):
         pytest.skip(f"{src} missing")
     out = tmp_path / "sc09"
     m = P.prepare("sc09", src, out, progress=False)
-    assert {s: m["splits"][s]["clips"] for s in P.SPLITS} == {"train": 62, "validation": 16, "test": 22}
+    assert {s: m["splits"][s]["clips"] for s in P.SPLITS} == {
+        "train": 62,
+        "validation": 16,
+        "test": 22,
+    }
     assert m["sample_rate"] == 16000 and m["dataset"] == "sc09" and m["skipped"] == []
     assert m == _manifest(out)
     for split in P.SPLITS:
@@ -70,10 +85,16 @@ def test_sc09_sample_prepares_to_62_16_22(shared_data_dir, tmp_path):
 def test_sc09_layout_splits_by_lists(tmp_path):
     _sc09_tree(tmp_path / "raw" / "sc09")  # nested one level: the root is found
     m = P.prepare("speech-commands-v2", tmp_path / "raw", tmp_path / "out", progress=False)
-    assert {s: m["splits"][s]["clips"] for s in P.SPLITS} == {"train": 10, "validation": 10, "test": 10}
+    assert {s: m["splits"][s]["clips"] for s in P.SPLITS} == {
+        "train": 10,
+        "validation": 10,
+        "test": 10,
+    }
     val = (tmp_path / "out" / "validation.names.txt").read_text().splitlines()
     assert val[0] == "zero/spk1_nohash_1.wav" and all("spk1" in n for n in val)
-    assert np.array_equal(np.load(tmp_path / "out" / "train.labels.npy"), np.repeat(np.arange(10), 1))
+    assert np.array_equal(
+        np.load(tmp_path / "out" / "train.labels.npy"), np.repeat(np.arange(10), 1)
+    )
     assert m["classes"] == list(P.DIGITS)
 
 
@@ -105,7 +126,10 @@ def test_inputs_sha256_tracks_content(tmp_path):
 
 def test_percentage_split_matches_paper():
     assert P.percentage_split(241, 0.88) == (212, 226)  # YouTubeMix 212 / 14 / 15
-    assert P.percentage_split(4328, 0.88) == (3808, 4068)  # Beethoven 0-3807 / 3808-4067 / 4068-4327
+    assert P.percentage_split(4328, 0.88) == (
+        3808,
+        4068,
+    )  # Beethoven 0-3807 / 3808-4067 / 4068-4327
 
 
 def test_beethoven_and_youtubemix_plans(tmp_path, capsys):
@@ -143,7 +167,9 @@ def test_folder_resamples_and_downmixes(tmp_path):
     assert names[:3] == ["a/take0.wav", "a/take1.wav", "a/take2.wav"]  # natural order
     lengths = np.diff(np.load(tmp_path / "out" / "train.offsets.npy"))
     assert lengths[0] == 1600  # 0.1 s at 44.1 kHz -> 1600 samples at 16 kHz
-    assert np.diff(np.load(tmp_path / "out" / "validation.offsets.npy"))[0] == 16000  # 8 kHz flac doubled
+    assert (
+        np.diff(np.load(tmp_path / "out" / "validation.offsets.npy"))[0] == 16000
+    )  # 8 kHz flac doubled
     assert np.diff(np.load(tmp_path / "out" / "test.offsets.npy"))[0] == len(x)
     assert (np.load(tmp_path / "out" / "train.labels.npy") == -1).all()
 
@@ -171,17 +197,87 @@ def test_synthetic_through_cli(tmp_path):
     from sashimi.cli import main
 
     out = tmp_path / "digits"
-    assert main(["prepare", "--dataset", "synth-digits", "--n-clips", "20", "--seed", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "synth-digits",
+                "--n-clips",
+                "20",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = _manifest(out)
     assert [m["splits"][s]["clips"] for s in P.SPLITS] == [16, 2, 2]
     assert m["options"] == {"n_clips": 20, "seed": 3}
     assert np.load(out / "train.labels.npy").tolist() == [i % 10 for i in range(16)]
     out2 = tmp_path / "digits2"
-    assert main(["prepare", "--dataset", "synth-digits", "--n-clips", "20", "--seed", "3", "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "synth-digits",
+                "--n-clips",
+                "20",
+                "--seed",
+                "3",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     assert _manifest(out2)["inputs_sha256"] == m["inputs_sha256"]
     assert np.array_equal(np.load(out / "test.audio.npy"), np.load(out2 / "test.audio.npy"))
-    assert main(["prepare", "--dataset", "synth-piano", "--n-clips", "3", "--seconds", "0.5", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "synth-piano",
+                "--n-clips",
+                "3",
+                "--seconds",
+                "0.5",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     assert _manifest(tmp_path / "p")["splits"]["train"] == {"clips": 2, "samples": 16000}
+
+
+def test_prepare_by_params_key(tmp_path, monkeypatch):
+    from sashimi.cli import main
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    if not params.is_file():
+        pytest.skip("params.yaml missing")
+    monkeypatch.delenv("SASHIMI_SCALE", raising=False)
+    out = tmp_path / "sc09"
+    argv = [
+        "--params",
+        str(params),
+        "prepare",
+        "--key",
+        "sc09",
+        "--n-clips",
+        "10",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    m = _manifest(out)
+    assert m["dataset"] == "sc09" and m["format"] in P.DATASETS
+    assert main(["--params", str(params), "prepare", "--key", "no-such-dataset"]) == 2
 
 
 def test_errors_name_the_problem(tmp_path):

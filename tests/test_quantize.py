@@ -109,7 +109,9 @@ def test_zero_token_decodes_to_zero():
 
 def test_batch_is_per_chunk():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 100, generator=g) * torch.tensor([0.01, 1.0, 5.0])[:, None, None]  # (3, 5, L)
+    x = (
+        torch.randn(3, 5, 100, generator=g) * torch.tensor([0.01, 1.0, 5.0])[:, None, None]
+    )  # (3, 5, L)
     for kind in Q.KINDS:
         q = Q.encode(x, kind)
         for i in range(3):
@@ -144,7 +146,9 @@ def test_companding_curve_agrees_with_torchaudio():
     assert (ta != ours_rounded).sum() <= 2  # only the 1e-8 offset near 0 can flip a level
     # the expansion: torchaudio decodes q as expand(q / 255 * 2 - 1)
     q = torch.arange(256)
-    assert torch.allclose(AF.mu_law_decoding(q, 256).double(), Q.mu_law_expand(q.double() / 255 * 2 - 1), atol=1e-6)
+    assert torch.allclose(
+        AF.mu_law_decoding(q, 256).double(), Q.mu_law_expand(q.double() / 255 * 2 - 1), atol=1e-6
+    )
     # ...and the two quantisers genuinely differ, which is why the formula is written out
     x = torch.linspace(-1, 1, 1001)
     assert not torch.equal(AF.mu_law_encoding(Q.minmax_scale(x, -1, 1), 256), Q.mu_law_encode(x))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sashimi.errors import UserError
 from sashimi.models import MODELS, build_model, count_parameters
 from sashimi.models.samplernn import SampleRNN, dequantize, from_official_state_dict
 
@@ -121,7 +122,7 @@ def test_causal():
 
 def test_bad_length():
     model = SampleRNN(**SMALL)
-    with pytest.raises(ValueError, match="lookback"):
+    with pytest.raises(UserError, match="lookback"):
         model(torch.full((1, 7 + 12), 128))
 
 
@@ -133,7 +134,7 @@ def test_options_build_and_run():
         names = {n for n, _ in model.named_parameters()}
         assert ("frame_level_rnns.0.rnn.h0" in names) == kw.get("learn_h0", True)
         assert ("sample_level_mlp.input.weight_g" in names) == kw.get("weight_norm", True)
-    with pytest.raises(ValueError, match="quantization"):
+    with pytest.raises(UserError, match="quantization"):
         SampleRNN(quantization="mulaw")
 
 
@@ -152,3 +153,11 @@ def test_training_lowers_loss():
         losses.append(loss.item())
     assert model.frame_level_rnns[0].rnn.h0.grad.abs().sum() > 0
     assert losses[-1] < losses[0] - 0.3
+    # the no-grad weight-norm cache follows the optimizer's in-place updates
+    with torch.no_grad():
+        cached = model(x)
+    opt.step()
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, model(x).detach(), rtol=0, atol=0)
+    assert (after - cached).abs().max() > 0

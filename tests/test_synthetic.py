@@ -41,7 +41,9 @@ def test_digit_classes_differ_but_vary_within(digits):
     clips, labels = digits
     F = np.stack([_log_spectrum(x) for x in clips])  # (60, 41)
     centroids = np.stack([F[labels == k].mean(0) for k in range(10)])  # (10, 41)
-    between = np.mean([np.linalg.norm(centroids[a] - centroids[b]) for a in range(10) for b in range(a + 1, 10)])
+    between = np.mean(
+        [np.linalg.norm(centroids[a] - centroids[b]) for a in range(10) for b in range(a + 1, 10)]
+    )
     within = np.mean([np.linalg.norm(F[i] - centroids[labels[i]]) for i in range(60)])
     assert between > 1.0  # classes have different average spectra
     assert within > 0.25 * between  # ...but clips of one class vary a lot (speaker, channel, noise)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -185,8 +183,7 @@ def cli(*argv: str) -> int:
     return main(list(argv))
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def setup_workdir(tmp_path: Path, monkeypatch) -> Path:
     """A temporary project root (cwd) with tiny data; tracking off unless a test turns it on."""
     register_tiny_models()
     monkeypatch.chdir(tmp_path)
@@ -195,6 +192,11 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     make_prepared(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    return setup_workdir(tmp_path, monkeypatch)
 
 
 # ============================================================================ optimisation
@@ -332,8 +334,9 @@ def test_resume_refuses_another_model(workdir):
     assert cli("train", "--run", "tiny") == 0
     write_params(workdir, {"tiny": tiny_run(model={"d_model": 16}, train={"max_steps": 10})})
     with pytest.raises(UserError, match=r"model\.d_model=8 .*model\.d_model is 16"):
-        from sashimi.train import run as train_run
         import argparse
+
+        from sashimi.train import run as train_run
 
         train_run(argparse.Namespace(params="params.yaml", run="tiny", resume=None, max_steps=None,
                                      max_minutes=None, device="cpu", no_progress=True))

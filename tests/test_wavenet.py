@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sashimi.errors import UserError
 from sashimi.models import MODELS, build_model, count_parameters
 from sashimi.models.wavenet import WaveNet, from_official_state_dict
 
@@ -133,7 +134,7 @@ def test_causal():
 
 def test_bad_length():
     model = WaveNet(**SMALL)
-    with pytest.raises(ValueError, match="receptive field"):
+    with pytest.raises(UserError, match="receptive field"):
         model(torch.full((1, 15), 128))
 
 

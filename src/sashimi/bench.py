@@ -268,11 +268,7 @@ def bench_generate(args) -> dict:
 def _has_dense_step(model) -> bool:
     import inspect
 
-    from sashimi.ssm.s4 import S4Block
-
-    return "s4_mode" in inspect.signature(model.setup_step).parameters and (
-        "mode" in inspect.signature(S4Block.setup_step).parameters
-    )
+    return "s4_mode" in inspect.signature(model.setup_step).parameters
 
 
 # ---------------------------------------------------------------------------- sample (diffusion)

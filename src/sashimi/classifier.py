@@ -41,6 +41,7 @@ import torchaudio
 from torch import nn
 
 from sashimi import metrics
+from sashimi.data.datasets import load_split
 from sashimi.errors import UserError
 from sashimi.io import atomic_write, read_audio, write_json
 
@@ -156,11 +157,20 @@ class DigitClassifier(nn.Module):
     ):
         super().__init__()
         if (depth - 2) % 9 != 0 or depth < 11:
-            raise UserError(f"classifier depth={depth}: must be 9 b + 2 with b >= 1 (e.g. 11, 20, 29)")
+            raise UserError(
+                f"classifier depth={depth}: must be 9 b + 2 with b >= 1 (e.g. 11, 20, 29)"
+            )
         if width <= 0:
             raise UserError(f"classifier width={width}: must be positive")
-        self.config = dict(width=width, depth=depth, cardinality=cardinality, base_width=base_width,
-                           widen_factor=widen_factor, n_classes=n_classes, pad_mode=pad_mode)
+        self.config = dict(
+            width=width,
+            depth=depth,
+            cardinality=cardinality,
+            base_width=base_width,
+            widen_factor=widen_factor,
+            n_classes=n_classes,
+            pad_mode=pad_mode,
+        )
         blocks = (depth - 2) // 9
         full = [64, 64 * widen_factor, 128 * widen_factor, 256 * widen_factor]  # 64/256/512/1024
 
@@ -230,8 +240,12 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     """Build a DigitClassifier from a checkpoint (a file, or a folder holding best.pt / last.pt)."""
     path = Path(path)
     if path.is_dir():
-        for cand in (path / "best.pt", path / "checkpoints" / "best.pt", path / "last.pt",
-                     path / "checkpoints" / "last.pt"):
+        for cand in (
+            path / "best.pt",
+            path / "checkpoints" / "best.pt",
+            path / "last.pt",
+            path / "checkpoints" / "last.pt",
+        ):
             if cand.is_file():
                 path = cand
                 break
@@ -253,38 +267,6 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 # ============================================================================ data
-class _NpySplit:
-    """Minimal reader of the documented prepared layout, used until sashimi.data.datasets lands."""
-
-    def __init__(self, prepared_dir: Path, split: str):
-        d = Path(prepared_dir)
-        audio, offsets = d / f"{split}.audio.npy", d / f"{split}.offsets.npy"
-        for f in (audio, offsets):
-            if not f.is_file():
-                raise UserError(f"{f}: not found (run `sashimi prepare` first)")
-        self.audio = np.load(audio, mmap_mode="r")
-        self.offsets = np.load(offsets)
-        lab = d / f"{split}.labels.npy"
-        self.labels = np.load(lab) if lab.is_file() else np.full(len(self), -1, dtype=np.int64)
-        names = d / f"{split}.names.txt"
-        self.names = names.read_text().splitlines() if names.is_file() else [str(i) for i in range(len(self))]
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def clip(self, i: int) -> np.ndarray:
-        return np.asarray(self.audio[self.offsets[i] : self.offsets[i + 1]], dtype=np.float32)
-
-
-def load_split(prepared_dir: str | Path, split: str):
-    """AudioSplit of a prepared folder (sashimi.data.datasets when present)."""
-    try:
-        from sashimi.data.datasets import load_split as _load
-    except ImportError:
-        return _NpySplit(Path(prepared_dir), split)
-    return _load(prepared_dir, split)
-
-
 def split_exists(prepared_dir: str | Path, split: str) -> bool:
     return (Path(prepared_dir) / f"{split}.offsets.npy").is_file()
 
@@ -292,8 +274,13 @@ def split_exists(prepared_dir: str | Path, split: str) -> bool:
 class LabelledWaves(torch.utils.data.Dataset):
     """(waveform FloatTensor[length], label) pairs from an AudioSplit or a (N, L) array."""
 
-    def __init__(self, source: Any, labels: np.ndarray, length: int = CLIP_LENGTH,
-                 indices: np.ndarray | None = None):
+    def __init__(
+        self,
+        source: Any,
+        labels: np.ndarray,
+        length: int = CLIP_LENGTH,
+        indices: np.ndarray | None = None,
+    ):
         self.source, self.length = source, length
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.arange(len(self.labels)) if indices is None else np.asarray(indices)
@@ -338,10 +325,17 @@ class Augment:
     Random draws use a CPU generator (seeded, checkpointed); the maths runs on wav's device.
     """
 
-    def __init__(self, seed: int = 0, p: float = 0.5, gain_range: tuple[float, float] = (0.7, 1.1),
-                 max_speed: float = 0.2, max_shift_s: float = 0.2,
-                 snr_db: tuple[float, float] = (0.0, 30.0), noise_bank: np.ndarray | None = None,
-                 sample_rate: int = SAMPLE_RATE):
+    def __init__(
+        self,
+        seed: int = 0,
+        p: float = 0.5,
+        gain_range: tuple[float, float] = (0.7, 1.1),
+        max_speed: float = 0.2,
+        max_shift_s: float = 0.2,
+        snr_db: tuple[float, float] = (0.0, 30.0),
+        noise_bank: np.ndarray | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ):
         self.p, self.gain_range, self.max_speed = p, gain_range, max_speed
         self.max_shift = max_shift_s * sample_rate
         self.snr_db, self.noise_bank = snr_db, noise_bank
@@ -356,11 +350,19 @@ class Augment:
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:
         B, L = wav.shape
         dev = wav.device
-        gain = torch.where(self._on(B), self._u(B, *self.gain_range), torch.ones(B, dtype=torch.float64))
-        speed = torch.where(self._on(B), self._u(B, 1 - self.max_speed, 1 + self.max_speed),
-                            torch.ones(B, dtype=torch.float64))
-        shift = torch.where(self._on(B), self._u(B, -self.max_shift, self.max_shift),
-                            torch.zeros(B, dtype=torch.float64))
+        gain = torch.where(
+            self._on(B), self._u(B, *self.gain_range), torch.ones(B, dtype=torch.float64)
+        )
+        speed = torch.where(
+            self._on(B),
+            self._u(B, 1 - self.max_speed, 1 + self.max_speed),
+            torch.ones(B, dtype=torch.float64),
+        )
+        shift = torch.where(
+            self._on(B),
+            self._u(B, -self.max_shift, self.max_shift),
+            torch.zeros(B, dtype=torch.float64),
+        )
         # y(t) = x(s (t - shift)): one linear-interpolation gather for speed/pitch and shift
         t = torch.arange(L, dtype=torch.float64)
         pos = (speed[:, None] * (t[None, :] - shift[:, None])).to(dev)  # (B, L)
@@ -386,8 +388,12 @@ class Augment:
         if self.noise_bank is not None and len(self.noise_bank):
             out = torch.zeros(b, L)
             for k in range(b):
-                clip = self.noise_bank[int(torch.randint(len(self.noise_bank), (1,), generator=self.generator))]
-                start = int(torch.randint(max(1, len(clip) - L + 1), (1,), generator=self.generator))
+                clip = self.noise_bank[
+                    int(torch.randint(len(self.noise_bank), (1,), generator=self.generator))
+                ]
+                start = int(
+                    torch.randint(max(1, len(clip) - L + 1), (1,), generator=self.generator)
+                )
                 seg = torch.as_tensor(np.asarray(clip[start : start + L], dtype=np.float32))
                 out[k, : len(seg)] = seg
             return out
@@ -420,8 +426,12 @@ def load_noise_dir(noise_dir: str | Path) -> list[np.ndarray]:
 
 
 # ============================================================================ training
-def evaluate_accuracy(model: DigitClassifier, data: torch.utils.data.Dataset, batch_size: int = 256,
-                      device: str | torch.device = "cpu") -> tuple[float, float, np.ndarray, np.ndarray]:
+def evaluate_accuracy(
+    model: DigitClassifier,
+    data: torch.utils.data.Dataset,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float, np.ndarray, np.ndarray]:
     """(mean loss, accuracy, predictions, targets) over a labelled dataset."""
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     model.eval()
@@ -436,12 +446,47 @@ def evaluate_accuracy(model: DigitClassifier, data: torch.utils.data.Dataset, ba
     return sum(losses) / len(targets_a), float((preds_a == targets_a).mean()), preds_a, targets_a
 
 
+def recalibrate_bn(
+    model: nn.Module,
+    data: torch.utils.data.Dataset,
+    n_batches: int,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over `n_batches`
+    random clean batches of `data` with the current weights ("precise BN").
+
+    The exponential running averages lag the weights while the learning rate is high, and on
+    small data eval-mode accuracy can then fall far below train-mode accuracy (seen on FSDD:
+    53% vs 95% on validation; 93% after recalibration). Only BN buffers change."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or n_batches <= 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    subset = torch.utils.data.Subset(data, idx[: n_batches * batch_size].tolist())
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size):
+            model(x.to(device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+
+
 def _checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
     """best (== out), last and log paths for `--out CKPT`."""
     out = Path(out)
     if out.name == "best.pt":
         last = out.with_name("last.pt")
-        log = (out.parent.parent if out.parent.name == "checkpoints" else out.parent) / "train_log.csv"
+        log = (
+            out.parent.parent if out.parent.name == "checkpoints" else out.parent
+        ) / "train_log.csv"
     else:
         last = out.with_name(out.stem + ".last" + (out.suffix or ".pt"))
         log = out.with_name(out.stem + ".log.csv")
@@ -472,13 +517,16 @@ def train_classifier(
     seed: int = 0,
     augment: bool = True,
     noise_bank: Sequence[np.ndarray] | None = None,
+    precise_bn_batches: int = 16,
     num_workers: int = 0,
     device: str | torch.device | None = None,
     config: dict | None = None,
     log: Callable[[str], None] | None = print,
 ) -> DigitClassifier:
     """SGD (momentum, weight decay), ReduceLROnPlateau on validation loss, class-balanced
-    sampling, augmentation; validates every epoch. With `out`, writes `last` (every epoch,
+    sampling, augmentation; validates every epoch, after re-estimating the BatchNorm statistics
+    on `precise_bn_batches` clean training batches (`recalibrate_bn`; 0 keeps the running
+    averages, as the official recipe does). With `out`, writes `last` (every epoch,
     resumed from if present) and `best` (by validation accuracy, ties by loss) atomically.
     Stops after `epochs`, `max_steps` optimiser steps or `max_minutes` (total over resumes).
     Returns the best model (eval mode)."""
@@ -490,17 +538,27 @@ def train_classifier(
     kwargs = dict(width=width, depth=depth)
     model = DigitClassifier(**kwargs).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=factor, patience=patience)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=factor, patience=patience
+    )
     targets = train_set.targets()
     if np.any((targets < 0) | (targets >= N_CLASSES)):
-        raise UserError(f"training labels must be digits 0-9, got {sorted(set(targets.tolist()))[:5]}...")
+        raise UserError(
+            f"training labels must be digits 0-9, got {sorted(set(targets.tolist()))[:5]}..."
+        )
     counts = np.bincount(targets, minlength=N_CLASSES).astype(np.float64)
     weights = 1.0 / np.maximum(counts[targets], 1.0)  # class-balanced sampling
     sampler_gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights), len(targets),
-                                                     replacement=True, generator=sampler_gen)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                                         num_workers=num_workers, drop_last=len(targets) > batch_size)
+    sampler = torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights), len(targets), replacement=True, generator=sampler_gen
+    )
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=len(targets) > batch_size,
+    )
     aug = Augment(seed=seed + 1, noise_bank=noise_bank) if augment else None
 
     best_path = last_path = log_path = None
@@ -511,8 +569,10 @@ def train_classifier(
         if last_path.is_file():
             ck = torch.load(last_path, map_location=device, weights_only=False)
             if ck.get("model_kwargs") != {**model.config, **kwargs}:
-                raise UserError(f"{last_path}: was trained with {ck.get('model_kwargs')}, not {model.config}; "
-                                "delete it or pick another --out")
+                raise UserError(
+                    f"{last_path}: was trained with {ck.get('model_kwargs')}, not {model.config}; "
+                    "delete it or pick another --out"
+                )
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
@@ -547,28 +607,57 @@ def train_classifier(
             if not budget_left():
                 break
         epoch += 1
+        recalibrate_bn(model, train_set, precise_bn_batches, batch_size, seed + epoch, device)
         val_loss, val_acc, _, _ = evaluate_accuracy(model, val_set, device=device)
         sched.step(val_loss)
         now = elapsed + time.time() - t0
         lr_now = opt.param_groups[0]["lr"]
         rows += [
-            dict(step=step, epoch=epoch, split="train", loss=tot / max(n_seen, 1),
-                 accuracy=correct / max(n_seen, 1), lr=lr_now, elapsed_s=now),
-            dict(step=step, epoch=epoch, split="validation", loss=val_loss, accuracy=val_acc,
-                 lr=lr_now, elapsed_s=now),
+            dict(
+                step=step,
+                epoch=epoch,
+                split="train",
+                loss=tot / max(n_seen, 1),
+                accuracy=correct / max(n_seen, 1),
+                lr=lr_now,
+                elapsed_s=now,
+            ),
+            dict(
+                step=step,
+                epoch=epoch,
+                split="validation",
+                loss=val_loss,
+                accuracy=val_acc,
+                lr=lr_now,
+                elapsed_s=now,
+            ),
         ]
-        log(f"epoch {epoch} step {step}: train loss {tot / max(n_seen, 1):.4f} "
+        log(
+            f"epoch {epoch} step {step}: train loss {tot / max(n_seen, 1):.4f} "
             f"acc {correct / max(n_seen, 1):.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
-            f"| lr {lr_now:.2e} | {now:.0f}s")
+            f"| lr {lr_now:.2e} | {now:.0f}s"
+        )
         improved = (val_acc, -val_loss) > (best_val[0], -best_val[1])
         if improved:
             best_val = (val_acc, val_loss)
         if out is not None:
-            ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                      rng=_get_rng(sampler_gen, aug), step=step, epoch=epoch, best_val=list(best_val),
-                      elapsed_s=now, config=config or {}, model_name=MODEL_NAME,
-                      model_kwargs=dict(model.config), kind="classifier", val_accuracy=val_acc,
-                      val_loss=val_loss, log=rows)
+            ck = dict(
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                rng=_get_rng(sampler_gen, aug),
+                step=step,
+                epoch=epoch,
+                best_val=list(best_val),
+                elapsed_s=now,
+                config=config or {},
+                model_name=MODEL_NAME,
+                model_kwargs=dict(model.config),
+                kind="classifier",
+                val_accuracy=val_acc,
+                val_loss=val_loss,
+                log=rows,
+            )
             if improved:
                 _save(best_path, ck)
             _save(last_path, ck)
@@ -583,8 +672,13 @@ def train_classifier(
 
 
 def _get_rng(sampler_gen: torch.Generator, aug: Augment | None) -> dict:
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               sampler=sampler_gen.get_state(), augment=aug.state() if aug else None)
+    rng = dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        sampler=sampler_gen.get_state(),
+        augment=aug.state() if aug else None,
+    )
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -613,12 +707,16 @@ def labelled_split(prepared_dir: str | Path, split: str) -> LabelledWaves:
     s = load_split(prepared_dir, split)
     labels = np.asarray(s.labels, dtype=np.int64)
     if len(labels) and np.any(labels < 0):
-        raise UserError(f"{prepared_dir}/{split}.labels.npy: the classifier needs digit labels 0-9 "
-                        f"(found {int((labels < 0).sum())} unknown)")
+        raise UserError(
+            f"{prepared_dir}/{split}.labels.npy: the classifier needs digit labels 0-9 "
+            f"(found {int((labels < 0).sum())} unknown)"
+        )
     return LabelledWaves(s, labels)
 
 
-def _train_val(prepared_dir: Path, seed: int, log: Callable[[str], None]) -> tuple[LabelledWaves, LabelledWaves]:
+def _train_val(
+    prepared_dir: Path, seed: int, log: Callable[[str], None]
+) -> tuple[LabelledWaves, LabelledWaves]:
     train = labelled_split(prepared_dir, "train")
     if len(train) == 0:
         raise UserError(f"{prepared_dir}: the train split is empty")
@@ -628,20 +726,25 @@ def _train_val(prepared_dir: Path, seed: int, log: Callable[[str], None]) -> tup
     perm = np.random.RandomState(seed).permutation(len(train))
     n_val = max(1, len(train) // 10)
     log(f"{prepared_dir}: no validation split; holding out {n_val} train clips for validation")
-    return (LabelledWaves(train.source, train.labels, indices=np.sort(perm[n_val:])),
-            LabelledWaves(train.source, train.labels, indices=np.sort(perm[:n_val])))
+    return (
+        LabelledWaves(train.source, train.labels, indices=np.sort(perm[n_val:])),
+        LabelledWaves(train.source, train.labels, indices=np.sort(perm[:n_val])),
+    )
 
 
 # ============================================================================ scoring
-def classify(classifier: DigitClassifier, waves: np.ndarray | torch.utils.data.Dataset,
-             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    classifier: DigitClassifier, waves: np.ndarray | torch.utils.data.Dataset, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, feature_dim), probs (N, 10)) as float64; softmax in float64."""
     dev = next(classifier.parameters()).device
     classifier.eval()
     feats, logits = [], []
     if isinstance(waves, np.ndarray):
-        batches = (torch.from_numpy(np.ascontiguousarray(waves[i : i + batch_size], dtype=np.float32))
-                   for i in range(0, len(waves), batch_size))
+        batches = (
+            torch.from_numpy(np.ascontiguousarray(waves[i : i + batch_size], dtype=np.float32))
+            for i in range(0, len(waves), batch_size)
+        )
     else:
         batches = (x for x, _ in torch.utils.data.DataLoader(waves, batch_size=batch_size))
     with torch.no_grad():
@@ -683,8 +786,13 @@ def dataset_checksum(prepared_dir: str | Path, split: str = "train") -> str:
     return h.hexdigest()
 
 
-def reference_stats(classifier: DigitClassifier, reference_dir: str | Path, split: str = "train",
-                    cache_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+def reference_stats(
+    classifier: DigitClassifier,
+    reference_dir: str | Path,
+    split: str = "train",
+    cache_dir: str | Path | None = None,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
     """Feature mean (d,), covariance (d, d) and probabilities (N, 10) of a real split.
 
     Cached as cache_dir/ref_stats_<sha>.npz, sha over the classifier checkpoint's sha256, the
@@ -701,8 +809,12 @@ def reference_stats(classifier: DigitClassifier, reference_dir: str | Path, spli
     if data is None or len(data) < 2:
         raise UserError(f"{reference_dir}: split {split!r} is missing or has fewer than 2 clips")
     feats, probs = classify(classifier, data, batch_size)
-    stats = dict(mu=feats.mean(axis=0), cov=np.atleast_2d(np.cov(feats, rowvar=False)), probs=probs,
-                 n=np.array(len(feats)))
+    stats = dict(
+        mu=feats.mean(axis=0),
+        cov=np.atleast_2d(np.cov(feats, rowvar=False)),
+        probs=probs,
+        n=np.array(len(feats)),
+    )
     if cache is not None:
         with atomic_write(cache, "wb") as f:
             np.savez(f, **stats)
@@ -713,8 +825,9 @@ def _scores(feats: np.ndarray, probs: np.ndarray, ref: dict[str, np.ndarray]) ->
     if len(feats) < 2:
         raise UserError(f"need at least 2 clips to score, got {len(feats)}")
     return dict(
-        fid=metrics.fid_from_stats(feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False)),
-                                   ref["mu"], ref["cov"]),
+        fid=metrics.fid_from_stats(
+            feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False)), ref["mu"], ref["cov"]
+        ),
         **{"is": metrics.inception_score(probs, paper=True)},
         is_textbook=metrics.inception_score(probs, paper=False),
         mis=metrics.modified_inception_score(probs),
@@ -742,8 +855,10 @@ def score_samples(
     n_generated = len(wav_paths)
     if autoregressive:
         if loglik is None:
-            raise UserError("autoregressive samples need their log-likelihoods (samples/loglik.csv) "
-                            "for the paper's selection; pass autoregressive=False to score all")
+            raise UserError(
+                "autoregressive samples need their log-likelihoods (samples/loglik.csv) "
+                "for the paper's selection; pass autoregressive=False to score all"
+            )
         loglik = np.asarray(loglik, dtype=np.float64).reshape(-1)
         if len(loglik) != n_generated:
             raise UserError(f"{len(loglik)} log-likelihoods for {n_generated} samples")
@@ -779,8 +894,11 @@ def score_real_split(
     data = labelled_split(prepared_dir, split)
     n = len(data)
     if max_clips is not None and n > max_clips:
-        data = LabelledWaves(data.source, data.labels,
-                             indices=np.sort(np.random.RandomState(seed).permutation(n)[:max_clips]))
+        data = LabelledWaves(
+            data.source,
+            data.labels,
+            indices=np.sort(np.random.RandomState(seed).permutation(n)[:max_clips]),
+        )
     feats, probs = classify(classifier, data, batch_size)
     ref = reference_stats(classifier, reference_dir, "train", cache_dir, batch_size)
     return dict(_scores(feats, probs, ref), n_scored=int(len(data)), n_generated=int(n))
@@ -790,9 +908,15 @@ def score_real_split(
 def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="classifier_cmd", metavar="CMD", required=True)
     t = sub.add_parser("train", help="train the digit classifier on a prepared dataset")
-    t.add_argument("--run", help="run key in params.yaml (e.g. classifier-sc09): numbers and paths from there")
-    t.add_argument("--prepared", type=Path, help="prepared dataset folder (train/validation splits, labels)")
-    t.add_argument("--out", type=Path, help="best checkpoint path (last checkpoint and log beside it)")
+    t.add_argument(
+        "--run", help="run key in params.yaml (e.g. classifier-sc09): numbers and paths from there"
+    )
+    t.add_argument(
+        "--prepared", type=Path, help="prepared dataset folder (train/validation splits, labels)"
+    )
+    t.add_argument(
+        "--out", type=Path, help="best checkpoint path (last checkpoint and log beside it)"
+    )
     t.add_argument("--width", type=float, help="channel width multiplier (paper 1.0)")
     t.add_argument("--depth", type=int, help="ResNeXt depth 9b+2 (paper 29)")
     t.add_argument("--epochs", type=int, help="epochs (paper 70)")
@@ -806,11 +930,24 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--factor", type=float, help="plateau lr factor (0.1)")
     t.add_argument("--seed", type=int, help="seed (0)")
     t.add_argument("--num-workers", type=int, help="data-loader workers (0)")
-    t.add_argument("--noise-dir", type=Path, help="folder of background-noise .wav files (default: synthetic coloured noise)")
+    t.add_argument(
+        "--noise-dir",
+        type=Path,
+        help="folder of background-noise .wav files (default: synthetic coloured noise)",
+    )
     t.add_argument("--no-augment", action="store_true", help="disable augmentation")
+    t.add_argument(
+        "--precise-bn-batches",
+        type=int,
+        default=16,
+        help="re-estimate BatchNorm statistics on this many clean train batches before each "
+        "validation (0: keep the running averages, the official recipe)",
+    )
     t.add_argument("--device", help="cpu / cuda (default: cuda if available)")
     e = sub.add_parser("test", help="accuracy and confusion matrix of a trained classifier")
-    e.add_argument("--run", help="run key in params.yaml: checkpoint, dataset and output folder from there")
+    e.add_argument(
+        "--run", help="run key in params.yaml: checkpoint, dataset and output folder from there"
+    )
     e.add_argument("--ckpt", type=Path, help="classifier checkpoint (file or folder)")
     e.add_argument("--prepared", type=Path, help="prepared dataset folder")
     e.add_argument("--split", default="test", help="split to evaluate (test)")
@@ -818,9 +955,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", help="cpu / cuda (default: cuda if available)")
 
 
-_PAPER_DEFAULTS = dict(width=1.0, depth=29, epochs=70, max_minutes=None, max_steps=None, batch_size=96,
-                       lr=1e-2, momentum=0.9, weight_decay=1e-2, patience=5, factor=0.1, seed=0,
-                       num_workers=0)
+_PAPER_DEFAULTS = dict(
+    width=1.0,
+    depth=29,
+    epochs=70,
+    max_minutes=None,
+    max_steps=None,
+    batch_size=96,
+    lr=1e-2,
+    momentum=0.9,
+    weight_decay=1e-2,
+    patience=5,
+    factor=0.1,
+    seed=0,
+    num_workers=0,
+)
 
 
 def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, Path, Path, dict]:
@@ -839,14 +988,27 @@ def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, Path, Path, dic
             if k in model:
                 hyper[k] = model.pop(k)
         if model:
-            raise UserError(f"{args.params}: runs.{args.run}.model.{next(iter(model))}: unknown key "
-                            "(allowed: name, width, depth, epochs)")
+            raise UserError(
+                f"{args.params}: runs.{args.run}.model.{next(iter(model))}: unknown key "
+                "(allowed: name, width, depth, epochs)"
+            )
         tc = rc.train
         if tc.optimizer != "sgd":
-            raise UserError(f"{args.params}: runs.{args.run}.train.optimizer: the classifier trains with 'sgd'")
-        hyper.update(batch_size=tc.batch_size, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
-                     patience=tc.patience, factor=tc.factor, max_minutes=tc.max_minutes,
-                     max_steps=tc.max_steps, seed=tc.seed, num_workers=tc.num_workers)
+            raise UserError(
+                f"{args.params}: runs.{args.run}.train.optimizer: the classifier trains with 'sgd'"
+            )
+        hyper.update(
+            batch_size=tc.batch_size,
+            lr=tc.lr,
+            momentum=tc.momentum,
+            weight_decay=tc.weight_decay,
+            patience=tc.patience,
+            factor=tc.factor,
+            max_minutes=tc.max_minutes,
+            max_steps=tc.max_steps,
+            seed=tc.seed,
+            num_workers=tc.num_workers,
+        )
         prepared = prepared or P.dataset(rc.dataset).prepared_dir
         out = out or rc.run_dir / "checkpoints" / "best.pt"
         config = dict(rc.raw)
@@ -869,8 +1031,18 @@ def run(args: argparse.Namespace) -> int:
         hyper, prepared, out, config = _resolve_train_args(args)
         train_set, val_set = _train_val(prepared, hyper["seed"], _log)
         noise = load_noise_dir(args.noise_dir) if args.noise_dir else None
-        model = train_classifier(train_set, val_set, out, augment=not args.no_augment, noise_bank=noise,
-                                 device=args.device, config=config, log=_log, **hyper)
+        model = train_classifier(
+            train_set,
+            val_set,
+            out,
+            augment=not args.no_augment,
+            precise_bn_batches=args.precise_bn_batches,
+            noise_bank=noise,
+            device=args.device,
+            config=config,
+            log=_log,
+            **hyper,
+        )
         _log(f"best checkpoint: {out} ({count_parameters(model):,} parameters)")
         return 0
     if args.classifier_cmd == "test":
@@ -893,7 +1065,9 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"unknown classifier command {args.classifier_cmd!r}")
 
 
-def confusion_report(model: DigitClassifier, prepared: Path, out_dir: Path, split: str = "test") -> dict:
+def confusion_report(
+    model: DigitClassifier, prepared: Path, out_dir: Path, split: str = "test"
+) -> dict:
     """Accuracy and confusion matrix -> out_dir/classifier_{metrics.json, confusion.csv, .md, .png}."""
     data = labelled_split(prepared, split)
     if len(data) == 0:
@@ -904,9 +1078,16 @@ def confusion_report(model: DigitClassifier, prepared: Path, out_dir: Path, spli
     np.add.at(cm, (targets, preds), 1)
     per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
     out_dir = Path(out_dir)
-    res = dict(accuracy=acc, loss=loss, n=int(len(targets)), split=split, prepared=str(prepared),
-               per_class_accuracy=per_class, confusion=cm.tolist(),
-               checkpoint_sha256=getattr(model, "checkpoint_sha256", None))
+    res = dict(
+        accuracy=acc,
+        loss=loss,
+        n=int(len(targets)),
+        split=split,
+        prepared=str(prepared),
+        per_class_accuracy=per_class,
+        confusion=cm.tolist(),
+        checkpoint_sha256=getattr(model, "checkpoint_sha256", None),
+    )
     write_json(out_dir / "classifier_metrics.json", res)
     header = ["true \\ predicted"] + [str(c) for c in range(N_CLASSES)]
     with atomic_write(out_dir / "confusion.csv", "w") as f:
@@ -914,9 +1095,15 @@ def confusion_report(model: DigitClassifier, prepared: Path, out_dir: Path, spli
         w.writerow(header)
         for c in range(N_CLASSES):
             w.writerow([c, *cm[c].tolist()])
-    md = [f"Accuracy on `{split}`: {100 * acc:.2f}% ({int(np.trace(cm))}/{len(targets)})", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join([f"**{c}**", *map(str, cm[c].tolist())]) + " |" for c in range(N_CLASSES)]
+    md = [
+        f"Accuracy on `{split}`: {100 * acc:.2f}% ({int(np.trace(cm))}/{len(targets)})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    md += [
+        "| " + " | ".join([f"**{c}**", *map(str, cm[c].tolist())]) + " |" for c in range(N_CLASSES)
+    ]
     with atomic_write(out_dir / "confusion.md", "w") as f:
         f.write("\n".join(md) + "\n")
     _plot_confusion(cm, acc, split, out_dir / "confusion.png")

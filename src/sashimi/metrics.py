@@ -23,6 +23,8 @@ All logarithms are natural.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 from scipy.special import entr, rel_entr
@@ -101,11 +103,16 @@ def fid(feat_gen: np.ndarray, feat_ref: np.ndarray) -> float:
 
 
 def fid_from_stats(mu_g: np.ndarray, S_g: np.ndarray, mu_r: np.ndarray, S_r: np.ndarray) -> float:
-    """FID from means (d,) and covariances (d, d) (lets reference statistics be cached)."""
-    covmean = scipy.linalg.sqrtm(S_r @ S_g)  # (d, d), possibly complex
-    if not np.all(np.isfinite(covmean)):
-        offset = FID_EPS * np.eye(S_g.shape[0])
-        covmean = scipy.linalg.sqrtm((S_r + offset) @ (S_g + offset))
+    """FID from means (d,) and covariances (d, d) (lets reference statistics be cached).
+
+    scipy's singular-matrix warning is silenced, as the official `sqrtm(..., disp=False)` does.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(S_r @ S_g)  # (d, d), possibly complex
+        if not np.all(np.isfinite(covmean)):
+            offset = FID_EPS * np.eye(S_g.shape[0])
+            covmean = scipy.linalg.sqrtm((S_r + offset) @ (S_g + offset))
     covmean = np.real(covmean)
     diff = mu_g - mu_r  # (d,)
     return float(diff @ diff + np.trace(S_g) + np.trace(S_r) - 2.0 * np.trace(covmean))

@@ -3,8 +3,8 @@ and a self-contained `results/report.html`.
 
 Reads params.yaml (through `sashimi.config`), each run's `results/runs/<run>/` (`metrics.json`,
 `train_log.csv`, `bench.json`, `samples/*.wav`), the real-data SC09 rows written by
-`sashimi evaluate --real`, and the published numbers (package data
-`sashimi/reference/paper_results.yaml`). Writes
+`sashimi evaluate --real sc09` (`results/runs/real-<split>/metrics.json`), and the published
+numbers (package data `sashimi/reference/paper_results.yaml`). Writes
 
     results/tables/<table>.{md,csv,tex}   beethoven, youtubemix, sc09, sc09_diffwave_ablation, runs
     results/figures/*.png                 training curves, NLL vs parameters, speed, spectrograms
@@ -50,8 +50,8 @@ REAL_LABELS = {"train": ("Train set", "train-set"), "test": ("Test set", "test-s
 
 
 def real_metrics_path(split: str) -> Path:
-    """Where `sashimi evaluate --real SPLIT` writes the real-data SC09 metrics."""
-    return Path("results/real") / f"sc09-{split}" / "metrics.json"
+    """Where `sashimi evaluate --real sc09 --split SPLIT` writes the real-data SC09 metrics."""
+    return Path("results/runs") / f"real-{split}" / "metrics.json"
 
 
 def table_paths(out: str | Path = "results") -> list[Path]:
@@ -74,9 +74,15 @@ def _norm(s: str | None) -> str:
 
 def _paper_label(row: dict) -> str:
     """'SampleRNN 3-tier', 'DiffWave (SaShiMi)', 'SaShiMi small' ... from a reference row."""
-    names = {"sashimi": "SaShiMi", "wavenet": "WaveNet", "samplernn": "SampleRNN",
-             "diffwave": "DiffWave", "wavegan": "WaveGAN", "train-set": "Train set",
-             "test-set": "Test set"}
+    names = {
+        "sashimi": "SaShiMi",
+        "wavenet": "WaveNet",
+        "samplernn": "SampleRNN",
+        "diffwave": "DiffWave",
+        "wavegan": "WaveGAN",
+        "train-set": "Train set",
+        "test-set": "Test set",
+    }
     model = row.get("model")
     parts = [names.get(model, model)] if model else []
     if row.get("backbone"):
@@ -95,8 +101,12 @@ def match_paper_row(label: str | None, model_name: str, rows: list[dict]) -> dic
     for row in rows:
         if key and _norm(_paper_label(row)) == key:
             return row
-    same = [r for r in rows if r.get("model", r.get("backbone")) == model_name
-            and r.get("variant") in (None, "replication")]
+    same = [
+        r
+        for r in rows
+        if r.get("model", r.get("backbone")) == model_name
+        and r.get("variant") in (None, "replication")
+    ]
     return same[0] if len(same) == 1 else None
 
 
@@ -116,9 +126,8 @@ class Cell:
     def ours_text(self) -> str:
         if not self.applicable:
             return NOT_RUN
-        if self.ours is None:
-            return MISSING
-        return _fmt(self.ours, self.digits)
+        v = _num(self.ours)
+        return MISSING if v is None else _fmt(v, self.digits)
 
     def paper_text(self, dagger: str = DAGGER) -> str:
         if self.paper is None:
@@ -156,8 +165,9 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def any_recalled(self) -> bool:
-        return any(isinstance(c, Cell) and c.recalled and c.paper is not None
-                   for r in self.rows for c in r)
+        return any(
+            isinstance(c, Cell) and c.recalled and c.paper is not None for r in self.rows for c in r
+        )
 
 
 # ----------------------------------------------------------------------------- run outputs
@@ -170,15 +180,46 @@ class RunResult:
     bench: dict
     log: list[dict]  # train_log.csv rows
     samples: list[Path]
+    sample_summary: dict = field(default_factory=dict)  # samples/summary.json, if written
 
     @property
     def finished(self) -> bool:
         return bool(self.metrics)
 
     def get(self, key: str) -> float | None:
-        """A number from metrics.json, else bench.json; None when absent."""
-        v = _num(self.metrics.get(key))
-        return v if v is not None else _num(self.bench.get(key))
+        """A number from metrics.json, else bench.json, else samples/summary.json; else None.
+        Training speed falls back to what the trainer measured in train_log.csv."""
+        for source in (self.metrics, self.bench, self.sample_summary):
+            v = _num(source.get(key))
+            if v is not None:
+                return v
+        if key == "tokens_per_s":
+            return self._median([_num(r.get("tokens_per_s")) for r in self._train_rows()])
+        if key == "train_seconds_per_step":
+            return self.seconds_per_step()
+        return None
+
+    def _train_rows(self) -> list[dict]:
+        return [r for r in self.log if r.get("split") == "train"]
+
+    @staticmethod
+    def _median(values: list[float | None]) -> float | None:
+        v = [x for x in values if x is not None]
+        return float(np.median(v)) if v else None
+
+    def seconds_per_step(self) -> float | None:
+        """Median wall seconds per optimiser step between consecutive train log rows with no
+        validation in between (train_log.csv `elapsed_s`)."""
+        rates, prev = [], None
+        for r in self.log:
+            if r.get("split") != "train":
+                prev = None
+                continue
+            step, t = _num(r.get("step")), _num(r.get("elapsed_s"))
+            if prev is not None and step is not None and t is not None and step > prev[0]:
+                rates.append((t - prev[1]) / (step - prev[0]))
+            prev = (step, t) if step is not None and t is not None else None
+        return self._median(rates)
 
     @property
     def steps(self) -> int | None:
@@ -193,7 +234,11 @@ class RunResult:
         return max(t) / 60 if t else None
 
     def best_val(self) -> float | None:
-        v = [_num(r.get("bits_per_sample")) for r in self.log if r.get("split") in ("val", "validation")]
+        v = [
+            _num(r.get("bits_per_sample"))
+            for r in self.log
+            if r.get("split") in ("val", "validation")
+        ]
         v = [x for x in v if x is not None]
         return min(v) if v else None
 
@@ -222,9 +267,14 @@ def _read_log(path: Path) -> list[dict]:
 
 def collect(run: RunConfig) -> RunResult:
     d = run.run_dir
-    return RunResult(run=run, metrics=_read_json(d / "metrics.json"), bench=_read_json(d / "bench.json"),
-                     log=_read_log(d / "train_log.csv"),
-                     samples=sorted((d / "samples").glob("*.wav")))
+    return RunResult(
+        run=run,
+        metrics=_read_json(d / "metrics.json"),
+        bench=_read_json(d / "bench.json"),
+        log=_read_log(d / "train_log.csv"),
+        samples=sorted((d / "samples").glob("*.wav")),
+        sample_summary=_read_json(d / "samples" / "summary.json"),
+    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -234,8 +284,14 @@ def _is_confirmed(section: dict, row: dict, metric: str) -> bool:
     return section.get("status") == "confirmed" or metric in (row.get("confirmed") or [])
 
 
-def _paper_cell(section: dict, row: dict | None, metric: str, ours: float | None, digits: int,
-                applicable: bool = True) -> Cell:
+def _paper_cell(
+    section: dict,
+    row: dict | None,
+    metric: str,
+    ours: float | None,
+    digits: int,
+    applicable: bool = True,
+) -> Cell:
     paper = _num(row.get(metric)) if row else None
     recalled = paper is not None and not _is_confirmed(section, row, metric)
     return Cell(ours=ours, paper=paper, recalled=recalled, digits=digits, applicable=applicable)
@@ -250,9 +306,16 @@ class Metric:
     applies: Callable[[RunConfig], bool] = lambda run: True  # False: "n/a" for this run
 
 
-def _paper_table(P: Params, results: dict[str, RunResult], ref: dict, key: str, title: str,
-                 metrics: list[Metric], extra_rows: Iterable[list[str | Cell]] = (),
-                 descriptor: tuple[str, Callable[[dict | None], str]] | None = None) -> Table:
+def _paper_table(
+    P: Params,
+    results: dict[str, RunResult],
+    ref: dict,
+    key: str,
+    title: str,
+    metrics: list[Metric],
+    extra_rows: Iterable[list[str | Cell]] = (),
+    descriptor: tuple[str, Callable[[dict | None], str]] | None = None,
+) -> Table:
     """Rows in the paper's order (with the matching run's numbers), then our runs the paper
     lacks. A run is placed by its `table` and `label` fields in params.yaml."""
     section = ref.get(key, {})
@@ -261,13 +324,18 @@ def _paper_table(P: Params, results: dict[str, RunResult], ref: dict, key: str, 
     matched: dict[int, RunConfig] = {}
     unmatched: list[RunConfig] = []
     for r in runs:
-        row = match_paper_row(r.label, r.model_name if r.model_name != "diffwave"
-                              else r.model.get("backbone", ""), paper_rows)
+        row = match_paper_row(
+            r.label,
+            r.model_name if r.model_name != "diffwave" else r.model.get("backbone", ""),
+            paper_rows,
+        )
         if row is not None and id(row) not in matched:
             matched[id(row)] = r
         else:
             unmatched.append(r)
-    headers = ["Model", "Run"] + ([descriptor[0]] if descriptor else []) + [m.header for m in metrics]
+    headers = (
+        ["Model", "Run"] + ([descriptor[0]] if descriptor else []) + [m.header for m in metrics]
+    )
     rows: list[list[str | Cell]] = []
 
     def line(label: str, run: RunConfig | None, prow: dict | None) -> list[str | Cell]:
@@ -298,28 +366,53 @@ def _metric(key: str) -> Callable[[RunResult], float | None]:
 
 PARAMS = Metric("Params (M)", "params", lambda res: res.params_m(), 2)
 NLL = Metric("NLL (bits)", "nll", _metric("nll_bits"), 3, applies=lambda run: run.kind == "ar")
-SC09_METRICS = [Metric("FID ↓", "fid", _metric("fid"), 2), Metric("IS ↑", "is", _metric("is"), 2),
-                Metric("mIS ↑", "mis", _metric("mis"), 2), Metric("AM ↓", "am", _metric("am"), 2)]
+SC09_METRICS = [
+    Metric("FID ↓", "fid", _metric("fid"), 2),
+    Metric("IS ↑", "is", _metric("is"), 2),
+    Metric("mIS ↑", "mis", _metric("mis"), 2),
+    Metric("AM ↓", "am", _metric("am"), 2),
+]
 
 
-def build_tables(P: Params, results: dict[str, RunResult], ref: dict,
-                 real: dict[str, dict] | None = None) -> dict[str, Table]:
+def build_tables(
+    P: Params, results: dict[str, RunResult], ref: dict, real: dict[str, dict] | None = None
+) -> dict[str, Table]:
     real = real or {}
     tables: dict[str, Table] = {}
 
     tables["beethoven"] = _paper_table(
-        P, results, ref, "beethoven", "Beethoven: test NLL (bits per sample), linear 8-bit",
-        [NLL], descriptor=("Context (paper)", lambda row: f"{row['context']:,}" if row and row.get("context") else ""))
+        P,
+        results,
+        ref,
+        "beethoven",
+        "Beethoven: test NLL (bits per sample), linear 8-bit",
+        [NLL],
+        descriptor=(
+            "Context (paper)",
+            lambda row: f"{row['context']:,}" if row and row.get("context") else "",
+        ),
+    )
 
-    speed = [Metric("Train s/step", "-", _metric("train_seconds_per_step"), 3),
-             Metric("Train tokens/s", "-", _metric("tokens_per_s"), 0),
-             Metric("Sampling × real time", "-", _metric("sample_realtime_factor"), 3)]
-    t = _paper_table(P, results, ref, "youtubemix",
-                     "YouTubeMix: parameters, test NLL (bits per sample, mu-law 8-bit) and speed",
-                     [PARAMS, NLL, *speed])
-    t.notes.append("Speed columns are ours only (metrics.json `train_seconds_per_step`, `tokens_per_s`; "
-                   "bench.json or metrics.json `sample_realtime_factor`: seconds of audio generated per "
-                   "second). The paper's time per epoch, sampling throughput and MOS are not reproduced here.")
+    speed = [
+        Metric("Train s/step", "-", _metric("train_seconds_per_step"), 3),
+        Metric("Train tokens/s", "-", _metric("tokens_per_s"), 0),
+        Metric("Sampling × real time", "-", _metric("sample_realtime_factor"), 3),
+    ]
+    t = _paper_table(
+        P,
+        results,
+        ref,
+        "youtubemix",
+        "YouTubeMix: parameters, test NLL (bits per sample, mu-law 8-bit) and speed",
+        [PARAMS, NLL, *speed],
+    )
+    t.notes.append(
+        "Speed columns are ours only, measured on this run's hardware: training seconds per "
+        "step and tokens per second (metrics.json, else the trainer's train_log.csv); sampling "
+        "speed as seconds of audio generated per wall-clock second (`sample_realtime_factor` in "
+        "metrics.json, bench.json or samples/summary.json). The paper's time per epoch, "
+        "sampling throughput and MOS are not reproduced here."
+    )
     tables["youtubemix"] = t
 
     section = ref.get("sc09", {})
@@ -333,36 +426,64 @@ def build_tables(P: Params, results: dict[str, RunResult], ref: dict,
         for metric in [PARAMS, NLL, *SC09_METRICS]:
             ours = None if metric in (PARAMS, NLL) else _num(m.get(metric.key))
             applicable = metric not in (PARAMS, NLL)
-            cell = _paper_cell(section, prow, metric.key, ours, metric.digits, applicable=applicable)
+            cell = _paper_cell(
+                section, prow, metric.key, ours, metric.digits, applicable=applicable
+            )
             if not applicable and cell.paper is None:
                 cell = Cell(ours=None, applicable=False, digits=metric.digits)
             cells.append(cell)
         extra.append(cells)
-    t = _paper_table(P, results, ref, "sc09",
-                     "SC09 (1 s spoken digits): NLL and automatic metrics (FID, IS, mIS, AM)",
-                     [PARAMS, NLL, *SC09_METRICS], extra_rows=extra)
-    t.notes.append("IS is the paper-compatible variant (see `sashimi.metrics.inception_score`); "
-                   "autoregressive models are scored on the paper's likelihood-trimmed half of their "
-                   "samples, diffusion models on all. Train/Test set rows score real clips.")
+    t = _paper_table(
+        P,
+        results,
+        ref,
+        "sc09",
+        "SC09 (1 s spoken digits): NLL and automatic metrics (FID, IS, mIS, AM)",
+        [PARAMS, NLL, *SC09_METRICS],
+        extra_rows=extra,
+    )
+    t.notes.append(
+        "IS is the paper-compatible variant (see `sashimi.metrics.inception_score`); "
+        "autoregressive models are scored on the paper's likelihood-trimmed half of their "
+        "samples, diffusion models on all. Train/Test set rows score real clips."
+    )
     tables["sc09"] = t
 
     tables["sc09_diffwave_ablation"] = _paper_table(
-        P, results, ref, "sc09_diffwave_ablation",
-        "SC09 DiffWave backbone ablation (unconditional, paper: 500k steps)", [PARAMS, *SC09_METRICS])
+        P,
+        results,
+        ref,
+        "sc09_diffwave_ablation",
+        "SC09 DiffWave backbone ablation (unconditional, paper: 500k steps)",
+        [PARAMS, *SC09_METRICS],
+    )
     tables["runs"] = runs_table(P, results)
     return tables
 
 
 def runs_table(P: Params, results: dict[str, RunResult]) -> Table:
     """The training budget and status of every run: what the numbers above rest on."""
-    headers = ["Run", "Table", "Label", "Model", "Dataset", "Status", "Steps", "Minutes",
-               "Best val bits", "Test NLL (bits)", "Params (M)"]
+    headers = [
+        "Run",
+        "Table",
+        "Label",
+        "Model",
+        "Dataset",
+        "Status",
+        "Steps",
+        "Minutes",
+        "Best val bits",
+        "Test NLL (bits)",
+        "Params (M)",
+    ]
     rows: list[list[str | Cell]] = []
     for key, run in P.runs.items():
         res = results[key]
         if res.finished:
             status = "done"
-        elif (run.run_dir / "checkpoints").is_dir() and any((run.run_dir / "checkpoints").glob("*.pt")):
+        elif (run.run_dir / "checkpoints").is_dir() and any(
+            (run.run_dir / "checkpoints").glob("*.pt")
+        ):
             status = "trained" if res.samples else "training"
         else:
             status = "missing"
@@ -370,9 +491,21 @@ def runs_table(P: Params, results: dict[str, RunResult]) -> Table:
         def f(v: float | None, digits: int) -> str:
             return MISSING if v is None else _fmt(v, digits)
 
-        rows.append([key, run.table or "", run.label or "", run.model_name, run.dataset, status,
-                     f(res.steps, 0), f(res.minutes, 1), f(res.best_val(), 3),
-                     f(res.get("nll_bits"), 3), f(res.params_m(), 2)])
+        rows.append(
+            [
+                key,
+                run.table or "",
+                run.label or "",
+                run.model_name,
+                run.dataset,
+                status,
+                f(res.steps, 0),
+                f(res.minutes, 1),
+                f(res.best_val(), 3),
+                f(res.get("nll_bits"), 3),
+                f(res.params_m(), 2),
+            ]
+        )
     return Table(key="runs", title="Runs: status and training budget", headers=headers, rows=rows)
 
 
@@ -383,20 +516,28 @@ def scale_note(P: Params) -> str:
         budget = f"at most {max(steps)} training steps" if steps else "a short training budget"
         if mins:
             budget += f" or {max(mins):g} minutes"
-        return (f"Demo scale: synthetic data, tiny models, {budget} per run — numbers are NOT "
-                "comparable to the paper.")
-    return ("Paper scale: the paper's datasets and model sizes; each run's training budget "
-            "(steps, minutes) is in the runs table.")
+        return (
+            f"Demo scale: synthetic data, tiny models, {budget} per run — numbers are NOT "
+            "comparable to the paper."
+        )
+    return (
+        "Paper scale: the paper's datasets and model sizes; each run's training budget "
+        "(steps, minutes) is in the runs table."
+    )
 
 
 def _footnotes(table: Table, P: Params) -> list[str]:
     notes = [scale_note(P)]
     if table.key != "runs":
-        notes.append(f"Cells read ours (paper). {MISSING}: not computed yet (run missing or unfinished); "
-                     f"{NOT_RUN}: the paper's row, not run by this pipeline.")
+        notes.append(
+            f"Cells read ours (paper). {MISSING}: not computed yet (run missing or unfinished); "
+            f"{NOT_RUN}: the paper's row, not run by this pipeline."
+        )
     if table.any_recalled():
-        notes.append(f"{DAGGER} Published value recalled, not re-read from the paper's PDF "
-                     "(status `recalled` in sashimi/reference/paper_results.yaml).")
+        notes.append(
+            f"{DAGGER} Published value recalled, not re-read from the paper's PDF "
+            "(status `recalled` in sashimi/reference/paper_results.yaml)."
+        )
     return notes + table.notes
 
 
@@ -411,7 +552,9 @@ def to_markdown(table: Table, P: Params) -> str:
     lines.append("| " + " | ".join(esc(h) for h in table.headers) + " |")
     lines.append("|" + "|".join("---" for _ in table.headers) + "|")
     for row in table.rows:
-        lines.append("| " + " | ".join(esc(c.text() if isinstance(c, Cell) else c) for c in row) + " |")
+        lines.append(
+            "| " + " | ".join(esc(c.text() if isinstance(c, Cell) else c) for c in row) + " |"
+        )
     lines.append("")
     for n in _footnotes(table, P)[1:]:
         lines.append(f"- {n}")
@@ -439,10 +582,23 @@ def to_csv(table: Table, P: Params) -> str:
     return buf.getvalue()
 
 
-_TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-            MISSING: "---", DAGGER: r"$^\dagger$", "×": r"$\times$", "↓": r"$\downarrow$",
-            "↑": r"$\uparrow$"}
+_TEX_ESC = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    MISSING: "---",
+    DAGGER: r"$^\dagger$",
+    "×": r"$\times$",
+    "↓": r"$\downarrow$",
+    "↑": r"$\uparrow$",
+}
 
 
 def _tex(s: str) -> str:
@@ -451,14 +607,25 @@ def _tex(s: str) -> str:
 
 def to_latex(table: Table, P: Params) -> str:
     cols = "l" * 2 + "r" * (len(table.headers) - 2)
-    lines = [r"% generated by `sashimi report`; needs \usepackage{booktabs}", r"\begin{table}[t]",
-             r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-             " & ".join(_tex(h) for h in table.headers) + r" \\", r"\midrule"]
+    lines = [
+        r"% generated by `sashimi report`; needs \usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in table.headers) + r" \\",
+        r"\midrule",
+    ]
     for row in table.rows:
         lines.append(" & ".join(_tex(c.text() if isinstance(c, Cell) else c) for c in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{_tex(table.title)}. {' '.join(_tex(n) for n in _footnotes(table, P))}}}",
-              rf"\label{{tab:{table.key.replace('_', '-')}}}", r"\end{table}"]
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{_tex(table.title)}. {' '.join(_tex(n) for n in _footnotes(table, P))}}}",
+        rf"\label{{tab:{table.key.replace('_', '-')}}}",
+        r"\end{table}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -471,7 +638,11 @@ def to_html(table: Table, P: Params) -> str:
         tds = []
         for c in row:
             if isinstance(c, Cell):
-                paper = f" <span class='paper'>({e(c.paper_text())})</span>" if c.paper is not None else ""
+                paper = (
+                    f" <span class='paper'>({e(c.paper_text())})</span>"
+                    if c.paper is not None
+                    else ""
+                )
                 cls = " class='missing'" if c.ours_text() in (MISSING, NOT_RUN) else ""
                 tds.append(f"<td{cls}>{e(c.ours_text())}{paper}</td>")
             else:
@@ -485,7 +656,9 @@ def to_html(table: Table, P: Params) -> str:
 # ----------------------------------------------------------------------------- audio
 
 
-def _read_clips(prepared: Path, split: str, k: int, max_seconds: float, sr: int) -> list[np.ndarray]:
+def _read_clips(
+    prepared: Path, split: str, k: int, max_seconds: float, sr: int
+) -> list[np.ndarray]:
     audio_path, off_path = prepared / f"{split}.audio.npy", prepared / f"{split}.offsets.npy"
     if not (audio_path.exists() and off_path.exists()):
         return []
@@ -493,12 +666,15 @@ def _read_clips(prepared: Path, split: str, k: int, max_seconds: float, sr: int)
     offsets = np.load(off_path)  # (n_clips + 1,)
     n = min(k, len(offsets) - 1)
     limit = int(max_seconds * sr)
-    return [np.asarray(audio[offsets[i]:min(offsets[i + 1], offsets[i] + limit)], dtype=np.float32)
-            for i in range(n)]
+    return [
+        np.asarray(audio[offsets[i] : min(offsets[i + 1], offsets[i] + limit)], dtype=np.float32)
+        for i in range(n)
+    ]
 
 
-def copy_audio(P: Params, results: dict[str, RunResult], out: Path, clips: int,
-               max_seconds: float = 8.0) -> dict[str, list[Path]]:
+def copy_audio(
+    P: Params, results: dict[str, RunResult], out: Path, clips: int, max_seconds: float = 8.0
+) -> dict[str, list[Path]]:
     """Real test clips and the first generated clips of each run under out/audio/, so that
     report.html plays them from relative paths. Returns {group: [wav paths]}."""
     audio_dir = out / "audio"
@@ -509,7 +685,9 @@ def copy_audio(P: Params, results: dict[str, RunResult], out: Path, clips: int,
     for ds_key in sorted(used):
         ds = P.datasets[ds_key]
         paths = []
-        for i, clip in enumerate(_read_clips(ds.prepared_dir, "test", clips, max_seconds, ds.sample_rate)):
+        for i, clip in enumerate(
+            _read_clips(ds.prepared_dir, "test", clips, max_seconds, ds.sample_rate)
+        ):
             p = audio_dir / f"real-{ds_key}" / f"test-{i:02d}.wav"
             write_wav(p, clip, ds.sample_rate)
             paths.append(p)
@@ -574,34 +752,62 @@ def fig_training_curves(P: Params, results: dict[str, RunResult], path: Path) ->
     if data.empty:
         return None
     plt, sns = _plt()
-    g = sns.relplot(data=data, x="step", y="value", hue="run", style="split", col="panel",
-                    col_wrap=min(3, data["panel"].nunique()), kind="line", height=3, aspect=1.3,
-                    facet_kws={"sharey": False, "sharex": False})
+    g = sns.relplot(
+        data=data,
+        x="step",
+        y="value",
+        hue="run",
+        style="split",
+        col="panel",
+        col_wrap=min(3, data["panel"].nunique()),
+        kind="line",
+        markers=True,
+        height=3,
+        aspect=1.3,
+        facet_kws={"sharey": False, "sharex": False},
+    )
     g.set_titles("{col_name}")
+    g.set_axis_labels("step", "")
     g.figure.suptitle(f"Training curves ({P.scale} scale)", y=1.02)
     return _save(g.figure, path)
 
 
-def fig_nll_vs_params(P: Params, results: dict[str, RunResult], ref: dict, path: Path) -> Path | None:
+def fig_nll_vs_params(
+    P: Params, results: dict[str, RunResult], ref: dict, path: Path
+) -> Path | None:
     import pandas as pd
 
     pts = []
     for key, res in results.items():
         nll, pm = res.get("nll_bits"), res.params_m()
         if nll is not None and pm is not None and res.run.table:
-            pts.append({"params_m": pm, "nll": nll, "table": res.run.table, "source": "ours", "label": key})
+            pts.append(
+                {"params_m": pm, "nll": nll, "table": res.run.table, "source": "ours", "label": key}
+            )
     for table in ("youtubemix", "sc09"):
         for row in ref.get(table, {}).get("rows", []):
             if _num(row.get("nll")) is not None and _num(row.get("params")) is not None:
-                pts.append({"params_m": row["params"], "nll": row["nll"], "table": table,
-                            "source": "paper", "label": _paper_label(row)})
+                pts.append(
+                    {
+                        "params_m": row["params"],
+                        "nll": row["nll"],
+                        "table": table,
+                        "source": "paper",
+                        "label": _paper_label(row),
+                    }
+                )
     if not any(p["source"] == "ours" for p in pts):
         return None
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.scatterplot(data=pd.DataFrame(pts), x="params_m", y="nll", hue="table", style="source",
-                    s=60, ax=ax)
+    sns.scatterplot(
+        data=pd.DataFrame(pts), x="params_m", y="nll", hue="table", style="source", s=60, ax=ax
+    )
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("test NLL (bits/sample)")
     ax.set_title(f"NLL vs parameters ({P.scale} scale; paper points for reference)")
@@ -613,8 +819,10 @@ def fig_speed(P: Params, results: dict[str, RunResult], path: Path) -> Path | No
 
     rows = []
     for key, res in results.items():
-        for metric, name in (("sample_realtime_factor", "sampling (× real time)"),
-                             ("tokens_per_s", "training (tokens/s)")):
+        for metric, name in (
+            ("sample_realtime_factor", "sampling (× real time)"),
+            ("tokens_per_s", "training (tokens/s)"),
+        ):
             v = res.get(metric)
             if v is not None:
                 rows.append({"run": key, "value": v, "metric": name})
@@ -622,8 +830,16 @@ def fig_speed(P: Params, results: dict[str, RunResult], path: Path) -> Path | No
         return None
     plt, sns = _plt()
     data = pd.DataFrame(rows)
-    g = sns.catplot(data=data, y="run", x="value", col="metric", kind="bar", sharex=False,
-                    height=max(2.5, 0.3 * data["run"].nunique()), aspect=1.2)
+    g = sns.catplot(
+        data=data,
+        y="run",
+        x="value",
+        col="metric",
+        kind="bar",
+        sharex=False,
+        height=max(2.5, 0.3 * data["run"].nunique()),
+        aspect=1.2,
+    )
     g.set_titles("{col_name}")
     g.figure.suptitle(f"Speed ({P.scale} scale, this machine)", y=1.02)
     return _save(g.figure, path)
@@ -634,12 +850,16 @@ def log_mel(x: np.ndarray, sr: int) -> np.ndarray:
     import torch
     import torchaudio
 
-    mel = torchaudio.transforms.MelSpectrogram(sample_rate=sr, n_fft=1024, hop_length=256, n_mels=80)
+    mel = torchaudio.transforms.MelSpectrogram(
+        sample_rate=sr, n_fft=1024, hop_length=256, n_mels=80
+    )
     s = mel(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))  # (80, frames)
     return torchaudio.functional.amplitude_to_DB(s, 10.0, 1e-10, 0.0, top_db=80.0).numpy()
 
 
-def fig_spectrograms(P: Params, groups: dict[str, list[Path]], ds_key: str, path: Path) -> Path | None:
+def fig_spectrograms(
+    P: Params, groups: dict[str, list[Path]], ds_key: str, path: Path
+) -> Path | None:
     from sashimi.io import read_audio
 
     panels = []
@@ -663,7 +883,8 @@ def fig_spectrograms(P: Params, groups: dict[str, list[Path]], ds_key: str, path
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"Log-mel spectrograms: {ds_key} ({P.scale} scale)")
+    fig.suptitle(f"Log-mel spectrograms: {ds_key} ({P.scale} scale)", y=1.0 + 0.08 / nrow)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -685,29 +906,45 @@ def _img(path: Path) -> str:
     return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>"
 
 
-def render_html(P: Params, tables: dict[str, Table], figures: list[Path],
-                groups: dict[str, list[Path]], out: Path) -> str:
+def render_html(
+    P: Params,
+    tables: dict[str, Table],
+    figures: list[Path],
+    groups: dict[str, list[Path]],
+    out: Path,
+) -> str:
     e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             "<title>SaShiMi reproduction report</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>SaShiMi reproduction: results</h1>",
-             f"<p class='banner'><b>{e(scale_note(P))}</b></p>",
-             "<p>Each cell reads <i>ours (paper)</i>. " + e(MISSING) + " = not computed yet; "
-             + e(NOT_RUN) + " = not run by this pipeline; " + e(DAGGER)
-             + " = published value recalled, not re-read from the paper.</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>SaShiMi reproduction report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>SaShiMi reproduction: results</h1>",
+        f"<p class='banner'><b>{e(scale_note(P))}</b></p>",
+        "<p>Each cell reads <i>ours (paper)</i>. "
+        + e(MISSING)
+        + " = not computed yet; "
+        + e(NOT_RUN)
+        + " = not run by this pipeline; "
+        + e(DAGGER)
+        + " = published value recalled, not re-read from the paper.</p>",
+    ]
     parts.append("<h2>Tables</h2>")
     parts += [to_html(tables[k], P) for k in TABLES if k in tables]
     if figures:
         parts.append("<h2>Figures</h2>")
-        parts += [f"<figure>{_img(f)}<figcaption>{e(f.name)}</figcaption></figure>" for f in figures]
+        parts += [
+            f"<figure>{_img(f)}<figcaption>{e(f.name)}</figcaption></figure>" for f in figures
+        ]
     if groups:
         parts.append("<h2>Audio</h2>")
         for name, paths in groups.items():
             parts.append(f"<h4>{e(name)}</h4><div class='clips'>")
             for p in paths:
                 rel = p.relative_to(out).as_posix()
-                parts.append(f"<div class='clip'><audio controls preload='none' src='{e(rel)}'></audio>"
-                             f"<br>{e(p.name)}</div>")
+                parts.append(
+                    f"<div class='clip'><audio controls preload='none' src='{e(rel)}'></audio>"
+                    f"<br>{e(p.name)}</div>"
+                )
             parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -716,7 +953,9 @@ def render_html(P: Params, tables: dict[str, Table], figures: list[Path],
 # ----------------------------------------------------------------------------- entry points
 
 
-def make_report(P: Params, out: str | Path = "results", clips: int = 3, figures: bool = True) -> dict:
+def make_report(
+    P: Params, out: str | Path = "results", clips: int = 3, figures: bool = True
+) -> dict:
     """Write tables, figures, audio and report.html under `out`. Returns what was written."""
     out = Path(out)
     ref = load_reference()
@@ -738,9 +977,11 @@ def make_report(P: Params, out: str | Path = "results", clips: int = 3, figures:
         fig_dir = out / "figures"
         for old in fig_dir.glob("*.png"):
             old.unlink()
-        made = [fig_training_curves(P, results, fig_dir / "training_curves.png"),
-                fig_nll_vs_params(P, results, ref, fig_dir / "nll_vs_params.png"),
-                fig_speed(P, results, fig_dir / "speed.png")]
+        made = [
+            fig_training_curves(P, results, fig_dir / "training_curves.png"),
+            fig_nll_vs_params(P, results, ref, fig_dir / "nll_vs_params.png"),
+            fig_speed(P, results, fig_dir / "speed.png"),
+        ]
         for ds_key in sorted({r.dataset for r in P.runs.values() if r.table}):
             made.append(fig_spectrograms(P, groups, ds_key, fig_dir / f"spectrograms_{ds_key}.png"))
         figs = [p for p in made if p is not None]
@@ -753,8 +994,12 @@ def make_report(P: Params, out: str | Path = "results", clips: int = 3, figures:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results", help="folder for tables/, figures/, audio/, report.html")
-    p.add_argument("--clips", type=int, default=3, help="real and generated clips per run in report.html")
+    p.add_argument(
+        "--out", default="results", help="folder for tables/, figures/, audio/, report.html"
+    )
+    p.add_argument(
+        "--clips", type=int, default=3, help="real and generated clips per run in report.html"
+    )
     p.add_argument("--no-figures", action="store_true", help="tables and report.html only")
 
 
@@ -764,12 +1009,28 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--clips: {args.clips} is negative")
     written = make_report(P, args.out, clips=args.clips, figures=not args.no_figures)
     done = sum(collect(r).finished for r in P.runs.values())
-    print(f"report ({P.scale} scale): {done}/{len(P.runs)} runs finished; "
-          f"{len(written['tables'])} table files, {len(written['figures'])} figures, "
-          f"{len(written['audio'])} clips -> {Path(args.out) / 'report.html'}")
+    print(
+        f"report ({P.scale} scale): {done}/{len(P.runs)} runs finished; "
+        f"{len(written['tables'])} table files, {len(written['figures'])} figures, "
+        f"{len(written['audio'])} clips -> {Path(args.out) / 'report.html'}"
+    )
     return 0
 
 
-__all__ = ["make_report", "build_tables", "load_reference", "match_paper_row", "Cell", "Table",
-           "TABLES", "FORMATS", "MISSING", "NOT_RUN", "DAGGER", "table_paths", "real_metrics_path",
-           "configure_parser", "run"]
+__all__ = [
+    "make_report",
+    "build_tables",
+    "load_reference",
+    "match_paper_row",
+    "Cell",
+    "Table",
+    "TABLES",
+    "FORMATS",
+    "MISSING",
+    "NOT_RUN",
+    "DAGGER",
+    "table_paths",
+    "real_metrics_path",
+    "configure_parser",
+    "run",
+]

@@ -82,6 +82,11 @@ def _file_lock(path: Path | None) -> Iterator[None]:
         f.close()
 
 
+def _code_root() -> Path:
+    """The source checkout this package runs from (its commit is the code's version)."""
+    return Path(__file__).resolve().parents[2]
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """HEAD's commit hash, or None outside a git checkout."""
     try:
@@ -184,7 +189,7 @@ class Tracker:
         self._client = client
         run_id = self._previous_run_id(client) if self.reuse else None
         tags = {"run_key": self.run_key, **self.tags}
-        commit = git_commit(self.root)
+        commit = git_commit(_code_root())
         if commit:
             tags.update({"mlflow.source.git.commit": commit, "git_commit": commit})
         if run_id is None:

@@ -2,7 +2,8 @@
 
     sashimi train --run sashimi-sc09 [--resume/--no-resume] [--max-steps N] [--max-minutes M]
                   [--device auto|cpu|cuda]
-    torchrun --nproc_per_node 4 -m sashimi train --run sashimi-sc09      # DDP, same code path
+    torchrun --nproc_per_node 4 -m sashimi train --key sashimi-sc09      # DDP, same code path
+    (under torchrun write --key: torchrun's own parser takes --run as its --run-path)
 
 - Autoregressive runs (`kind: ar`): cross-entropy over non-padded targets, reported in nats
   and bits per sample (nats / ln 2). SampleRNN runs with `train.tbptt` do truncated BPTT:
@@ -866,7 +867,9 @@ class DiffusionLoss(nn.Module):
 
 # ============================================================================ CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run key in params.yaml (e.g. sashimi-sc09)")
+    p.add_argument("--run", "--key", dest="run", required=True,
+                   help="run key in params.yaml (e.g. sashimi-sc09); spell it --key under torchrun, "
+                        "whose own parser claims --run")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from checkpoints/last.pt (default: when it exists)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps (total, over resumes)")

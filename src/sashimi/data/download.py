@@ -112,8 +112,9 @@ def sha256_file(path: Path) -> str:
 def replace_dir(new: Path, target: Path) -> None:
     """Put folder `new` at `target`, replacing an existing one only at the last moment.
 
-    Two renames on the same file system: an interruption leaves either the old folder or
-    the new one at `target` (plus a hidden leftover that the next run removes).
+    Two renames on one file system. A crash between them leaves the old folder at
+    `.<name>.old-*` beside the target; `recover_dir(target)` (run first by download and
+    prepare) moves it back. One writer per target folder at a time.
     """
     target = Path(target)
     old = None
@@ -126,12 +127,20 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Remove leftovers of interrupted runs (`.<name>.tmp-*`, `.<name>.old-*`)."""
-    if parent.is_dir():
-        for p in parent.glob(f".{name}.*-*"):
-            if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
+def recover_dir(target: Path) -> None:
+    """Clean up after an interrupted replace_dir: restore `.old-*` if the target is gone,
+    delete leftover `.tmp-*` / `.old-*` folders otherwise."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for p in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if p.is_dir() and not target.exists():
+            os.rename(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _access_message(name: str, url: str, code: int) -> str:
@@ -459,6 +468,7 @@ def download(
     """Download dataset `name` and extract it to `out` (default data/raw/<name>). Returns `out`."""
     src = resolve_source(name, url, sha256)
     out = Path(out if out is not None else Path("data/raw") / name)
+    recover_dir(out)
     marker = out / MARKER
     if marker.exists() and not force:
         print(f"{out}: already downloaded ({src.filename}); use --force to fetch again")
@@ -468,7 +478,6 @@ def download(
             f"{out}: exists and was not made by `sashimi download`; move it away or pass --force"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out.parent, out.name)
     archive = out.parent / ".archives" / src.filename
     if not archive.exists() or force:
         if force:

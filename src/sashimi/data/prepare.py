@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sashimi.data.download import replace_dir
+from sashimi.data.download import recover_dir, replace_dir
 from sashimi.errors import UserError
 from sashimi.io import read_audio, write_json
 
@@ -215,7 +215,9 @@ def plan_folder(source: Path) -> Plan:
         raise UserError(f"{source}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))})")
     if len(files) < 20:
         a, b = percentage_split(len(files), 0.9)
-        _warn(f"{source}: only {len(files)} files; 90/5/5 by index gives {a}/{b - a}/{len(files) - b}")
+        _warn(
+            f"{source}: only {len(files)} files; 90/5/5 by index gives {a}/{b - a}/{len(files) - b}"
+        )
     splits = _split_by_index([Item(p.relative_to(source).as_posix(), p) for p in files], 0.9)
     if not splits["train"]:  # 1 file: int(0.9) = 0; keep it for training rather than testing
         splits["train"], splits["test"] = splits["test"], []
@@ -280,10 +282,10 @@ def resample(audio: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.n
     import torch
     import torchaudio.functional as AF
 
+    x = torch.from_numpy(audio)[None]  # (1, L)
     with torch.no_grad():
-        return AF.resample(torch.from_numpy(audio)[None], sr, sample_rate)[
-            0
-        ].numpy()  # (1, L') -> (L',)
+        y = AF.resample(x, sr, sample_rate)  # (1, L')
+    return y[0].numpy()
 
 
 def _ordered_map(
@@ -330,9 +332,8 @@ class SplitWriter:
         np.lib.format.write_array_header_1_0(
             header, {"descr": "<f4", "fortran_order": False, "shape": (self.offsets[-1],)}
         )
-        if (
-            len(header.getvalue()) != self.HEADER
-        ):  # cannot happen for 1-D shapes, but never write a bad file
+        # Always 128 bytes for a 1-D shape; checked anyway so that a bad file is never written.
+        if len(header.getvalue()) != self.HEADER:
             raise RuntimeError(f"unexpected .npy header length {len(header.getvalue())}")
         self.f.seek(0)
         self.f.write(header.getvalue())
@@ -358,9 +359,16 @@ def prepare(
     n_clips: int | None = None,
     seed: int = 0,
     seconds: float | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    key: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Prepare `dataset` from `source` into `out` (atomic replace). Returns the manifest."""
+    """Prepare format `dataset` from `source` into `out` (atomic replace). Returns the manifest.
+
+    `key` is the params.yaml dataset key recorded in the manifest (default: the format).
+    """
+    if dataset in SYNTHETIC and sample_rate != SAMPLE_RATE:
+        raise UserError(f"{dataset} is generated at {SAMPLE_RATE} Hz, not {sample_rate}")
     if dataset in SYNTHETIC:
         default_n, default_s = SYNTHETIC[dataset]
         n = default_n if n_clips is None else int(n_clips)
@@ -379,11 +387,12 @@ def prepare(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        manifest = _write(
-            plan, dataset, source, tmp, skip_bad, workers or min(8, os.cpu_count() or 1), progress
-        )
+        n_workers = workers or min(8, os.cpu_count() or 1)
+        manifest = _write(plan, dataset, tmp, skip_bad, n_workers, sample_rate, progress)
+        manifest = {"dataset": key or dataset, "format": dataset, **manifest}
         write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, out)
     except BaseException:
@@ -393,19 +402,26 @@ def prepare(
 
 
 def _write(
-    plan: Plan, dataset: str, source, folder: Path, skip_bad: bool, workers: int, progress: bool
+    plan: Plan,
+    dataset: str,
+    folder: Path,
+    skip_bad: bool,
+    workers: int,
+    sample_rate: int,
+    progress: bool,
 ) -> dict:
     from tqdm import tqdm
 
-    if plan.load is not None:  # synthetic
+    if plan.load is not None:  # synthetic: the "input" is the generated clip itself
 
         def load(item: Item):
-            return plan.load(item), None, 0
+            audio = np.ascontiguousarray(plan.load(item), dtype="<f4")  # (L,)
+            return audio, hashlib.sha256(audio.tobytes()).hexdigest(), audio.nbytes
     else:
 
         def load(item: Item):
             try:
-                return load_file(item.path)
+                return load_file(item.path, sample_rate)
             except UserError:
                 raise
             except Exception as e:  # a decoder or resampler failure still names the file
@@ -453,7 +469,8 @@ def _write(
         raise
     elapsed = time.perf_counter() - t0
 
-    h = hashlib.sha256(f"sashimi-prepare\0{dataset}\0{sorted(plan.options.items())}\n".encode())
+    options = sorted(plan.options.items())
+    h = hashlib.sha256(f"sashimi-prepare\0{dataset}\0{sample_rate}\0{options}\n".encode())
     for _, item in todo:
         if item.name in digests:
             d, nbytes = digests[item.name]
@@ -465,11 +482,8 @@ def _write(
     print(f"prepared {dataset}: " + ", ".join(f"{s} {v['clips']} clips" for s, v in splits.items())
           + f" ({len(todo) / max(elapsed, 1e-9):.0f} clips/s)")  # fmt: skip
     return {
-        "dataset": dataset,
-        "source": str(plan.root)
-        if plan.root is not None
-        else (str(source) if source else "synthetic"),
-        "sample_rate": SAMPLE_RATE,
+        "source": str(plan.root) if plan.root is not None else "synthetic",
+        "sample_rate": sample_rate,
         "splits": splits,
         "inputs_sha256": h.hexdigest(),
         "skipped": skipped,
@@ -482,49 +496,60 @@ def _write(
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dataset",
-        required=True,
-        choices=DATASETS,
-        help="layout of the source (or a synthetic set)",
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--key", help="a dataset of params.yaml: its format, folders and options")
+    what.add_argument(
+        "--dataset", choices=DATASETS, help="the source's layout (or a synthetic set)"
     )
-    p.add_argument(
-        "--source", default=None, help="raw folder (default data/raw/<dataset>; not for synth-*)"
-    )
+    p.add_argument("--source", default=None, help="raw folder (default data/raw/<dataset>)")
     p.add_argument("--out", default=None, help="prepared folder (default data/prepared/<dataset>)")
     p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip unreadable audio files (listed in manifest.json)",
+        "--skip-bad", action="store_true", help="skip unreadable audio (listed in manifest.json)"
     )
     p.add_argument(
         "--workers", type=int, default=None, help="decoding threads (default min(8, CPUs))"
     )
     p.add_argument(
-        "--n-clips", type=int, default=None, help="synth-*: number of clips (digits 2000, piano 64)"
+        "--n-clips", type=int, default=None, help="synth-*: clips (digits 2000, piano 64)"
     )
-    p.add_argument("--seed", type=int, default=0, help="synth-*: generator seed")
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="synth-piano: clip length in seconds (default 8)",
-    )
+    p.add_argument("--seed", type=int, default=None, help="synth-*: generator seed (default 0)")
+    p.add_argument("--seconds", type=float, default=None, help="synth-piano: seconds per clip (8)")
+
+
+OPTION_KEYS = {"n_clips", "seed", "seconds"}
 
 
 def run(args: argparse.Namespace) -> int:
-    source = args.source
-    if source is None and args.dataset in FILE_DATASETS:
-        source = Path("data/raw") / args.dataset
-    out = args.out or Path("data/prepared") / args.dataset
+    kwargs = {"n_clips": args.n_clips, "seed": args.seed, "seconds": args.seconds}
+    if args.key:
+        from sashimi.config import load_params
+
+        P = load_params(args.params, check_models=False)  # only the datasets section is needed
+        ds = P.dataset(args.key)
+        unknown = set(ds.options) - OPTION_KEYS
+        if unknown:
+            raise UserError(
+                f"{P.path}: datasets.{ds.key}.options.{sorted(unknown)[0]}: unknown option"
+            )
+        for k, v in ds.options.items():  # command-line values win over params.yaml
+            kwargs[k] = v if kwargs[k] is None else kwargs[k]
+        fmt, key, sr = ds.format, ds.key, ds.sample_rate
+        source = args.source or (ds.raw_dir if fmt in FILE_DATASETS else None)
+        out = args.out or ds.prepared_dir
+    else:
+        fmt = key = args.dataset
+        sr = SAMPLE_RATE
+        source = args.source or (Path("data/raw") / fmt if fmt in FILE_DATASETS else None)
+        out = args.out or Path("data/prepared") / fmt
+    kwargs["seed"] = kwargs["seed"] if kwargs["seed"] is not None else 0
     prepare(
-        args.dataset,
+        fmt,
         source,
         out,
         skip_bad=args.skip_bad,
         workers=args.workers,
-        n_clips=args.n_clips,
-        seed=args.seed,
-        seconds=args.seconds,
+        sample_rate=sr,
+        key=key,
+        **kwargs,
     )
     return 0

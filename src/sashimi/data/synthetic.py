@@ -168,7 +168,9 @@ def digit_clip(i: int, seed: int = 0) -> tuple[np.ndarray, int]:
     env = np.zeros_like(fk)
     for j in range(3):
         bw = np.float32(_BANDWIDTHS[j] * tract / 2)
-        env += g_t[j].astype(np.float32) / (1 + np.square((fk - F_t[j].astype(np.float32)) / bw))  # (K, Lw)
+        env += g_t[j].astype(np.float32) / (
+            1 + np.square((fk - F_t[j].astype(np.float32)) / bw)
+        )  # (K, Lw)
     env *= (fk < 7500) / k  # band limit; -6 dB/octave source slope
     phase = (2 * np.pi * np.cumsum(f0) / SR).astype(np.float32)  # (Lw,)
     offset = rng.uniform(0, 2 * np.pi, (K, 1)).astype(np.float32)  # (K, 1)

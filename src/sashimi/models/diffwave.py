@@ -9,33 +9,37 @@ results), reimplemented:
   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss MSE(eps_theta(x_t, t), eps).
 - Step embedding: [sin(t 10^(-4k/(d/2-1))), cos(...)]_k (d = 128) -> Linear 512
   -> SiLU -> Linear 512 -> SiLU, shared by all residual blocks; each block adds
-  its own Linear(512, H) projection of it to its input.
+  its own Linear(512, H) projection e_t of it (WaveNet: to the layer input;
+  SaShiMi: to the normalised input of the S4 branch).
 - WaveNet backbone: 1x1 conv 1 -> C + ReLU; n residual layers (dilated conv k=3,
   dilation 2^(i mod cycle), gated tanh*sigmoid, separate residual and skip 1x1
   convs, residual (x + res)/sqrt(2)); skips summed and scaled by 1/sqrt(n); 1x1
   conv + ReLU; zero-initialised 1x1 conv -> 1. All convs but the last are
   weight-normalised.
 - SaShiMi backbone: a non-causal U-Net SaShiMi. Each residual block is
-  [x + e_t -> ChannelNorm -> bidirectional S4 (GLU) -> +x, ChannelNorm -> FF -> +x]
-  with e_t the block's projection of the step embedding; DownPool / UpPool as in
+  x <- x + S4(norm1(x) + e_t); x <- x + FF(norm2(x)) (bidirectional S4 with GLU
+  output, weight-normalised FF, scalar ChannelNorms); DownPool / UpPool as in
   SaShiMi but WITHOUT the UpPool's causal shift (as in diffwave-sashimi); n_layers
   blocks before each DownPool (unet), in the centre and after each UpPool; skip
   connections around every layer of the up path; final ChannelNorm, 1x1 layer +
   ReLU, zero-initialised 1x1 layer -> 1.
 
-S4 layer: we build today's official S4 ("S4 v3"-style DPLR, n_ssm = H untied
-(Lambda, P, B per channel), bidirectional = a forward and a backward kernel),
-whose parameter counts are 23,470,971 (d_model 128) and 7,734,267 (d_model 64).
-The paper's 22,964,091 / 7,480,827 came from the January-2022 S4 layer, which
-has 64 fewer parameters per channel per S4 layer.
+S4 layer (`sashimi.ssm.s4.S4Block`): we build the HEAD layout of diffwave-sashimi's
+"S4 v3" layer: DPLR, n_ssm = H (Lambda, P, B per channel), bidirectional = a forward
+and a backward kernel (C has 2 channels). Parameter counts: 23,470,971 (d_model 128)
+and 7,734,267 (d_model 64); unidirectional small 7,488,507. The paper's 22,964,091 /
+7,480,827 (and "7.1M" unidirectional) came from the January-2022 S4 layer, which has
+64 fewer parameters per channel per S4 layer. Matches the official forward (fixture
+diffwave_small.pt) to 2e-6 in float32 and 2e-8 in float64.
 
 Weight norm is the classic g * v / ||v|| (norm per output unit); v gets the usual
 default init and g = ||v||, which is what the official init amounts to (its
 `kaiming_normal_` on the derived weight is overwritten by the next forward).
 
-Samplers (module level): `sample_ancestral` (the official 200-step sampler) and
-`sample_fast` (DDIM on a respaced schedule; eta = 1 (default) is DDPM respacing and
-reduces exactly to `sample_ancestral` when steps = T; eta = 0 is deterministic DDIM).
+Samplers (module level): `sample_ancestral` (the official 200-step sampler; with the
+same global seed it reproduces the official trajectory) and `sample_fast` (DDIM on a
+respaced schedule: eta = 0 (default) deterministic DDIM; eta = 1 DDPM respacing, which
+is `sample_ancestral` exactly when steps = T).
 """
 
 from __future__ import annotations
@@ -292,7 +296,9 @@ class SaShiMiBackbone(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         L = x.shape[-1]
         if L % self.stride_total:
-            raise UserError(f"DiffWave (sashimi): length {L} is not divisible by prod(pool) = {self.stride_total}")
+            raise UserError(
+                f"DiffWave (sashimi): length {L} is not divisible by prod(pool) = {self.stride_total}"
+            )
         e = self.embed(t)  # (B, 512)
         x = F.relu(self.input_proj(x[:, :, None]))  # (B, L, H)
         skips = [x]
@@ -381,20 +387,29 @@ class DiffWave(nn.Module):
         if backbone not in ("wavenet", "sashimi"):
             raise UserError(f"model.backbone: {backbone!r} is not one of 'wavenet', 'sashimi'")
         own, other = (
-            (WAVENET_DEFAULTS, SASHIMI_DEFAULTS) if backbone == "wavenet" else (SASHIMI_DEFAULTS, WAVENET_DEFAULTS)
+            (WAVENET_DEFAULTS, SASHIMI_DEFAULTS)
+            if backbone == "wavenet"
+            else (SASHIMI_DEFAULTS, WAVENET_DEFAULTS)
         )
         for k in other:
             if given[k] is not None:
                 raise UserError(f"model.{k}: not a keyword of the {backbone!r} backbone")
         if int(T) < 1 or not (0 < beta_start <= beta_end < 1):
-            raise UserError(f"model: bad diffusion schedule T={T}, beta_start={beta_start}, beta_end={beta_end}")
+            raise UserError(
+                f"model: bad diffusion schedule T={T}, beta_start={beta_start}, beta_end={beta_end}"
+            )
         kw = {k: (own[k] if given[k] is None else given[k]) for k in own}
-        d_embed = (diffusion_step_embed_dim_in, diffusion_step_embed_dim_mid, diffusion_step_embed_dim_out)
+        d_embed = (
+            diffusion_step_embed_dim_in,
+            diffusion_step_embed_dim_mid,
+            diffusion_step_embed_dim_out,
+        )
         if diffusion_step_embed_dim_in % 2 or diffusion_step_embed_dim_in < 4:
-            raise UserError(f"model.diffusion_step_embed_dim_in: {diffusion_step_embed_dim_in} must be even and >= 4")
+            raise UserError(
+                f"model.diffusion_step_embed_dim_in: {diffusion_step_embed_dim_in} must be even and >= 4"
+            )
         self.backbone_name = backbone
         self.T, self.beta_start, self.beta_end = int(T), float(beta_start), float(beta_end)
-        self.hparams = dict(kw)
         self._schedules: dict[tuple[torch.dtype, torch.device], Schedule] = {}
         if backbone == "wavenet":
             self.backbone = WaveNetBackbone(d_embed=d_embed, **kw)
@@ -402,7 +417,9 @@ class DiffWave(nn.Module):
             self.backbone = SaShiMiBackbone(d_embed=d_embed, **kw)
 
     # -- schedule ------------------------------------------------------------------
-    def schedule(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Schedule:
+    def schedule(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Schedule:
         """The diffusion schedule in `dtype` (default: the parameters' dtype) on `device`."""
         p = next(self.parameters())
         key = (dtype or p.dtype, torch.device(device) if device is not None else p.device)
@@ -419,7 +436,9 @@ class DiffWave(nn.Module):
                 raise ValueError(f"x_t must be (B, L) or (B, 1, L), got {tuple(x_t.shape)}")
             x_t = x_t[:, 0]  # (B, L)
         t = torch.as_tensor(t, device=x_t.device)
-        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t.reshape(x_t.shape[0])  # (B,)
+        t = (
+            t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t.reshape(x_t.shape[0])
+        )  # (B,)
         eps = self.backbone(x_t, t)  # (B, L)
         return eps[:, None] if squeeze else eps
 
@@ -492,7 +511,9 @@ def sample_ancestral(
         x = _randn((n, length), generator, device, dtype)  # (n, L)
         for t in _steps_iter(list(range(s.T - 1, -1, -1)), progress, "ancestral"):
             eps = model(x, torch.full((n,), t, device=device, dtype=torch.long))  # (n, L)
-            x = (x - (1 - s.alpha[t]) / torch.sqrt(1 - s.alpha_bar[t]) * eps) / torch.sqrt(s.alpha[t])
+            x = (x - (1 - s.alpha[t]) / torch.sqrt(1 - s.alpha_bar[t]) * eps) / torch.sqrt(
+                s.alpha[t]
+            )
             if t > 0:
                 x = x + s.sigma[t] * _randn((n, length), generator, device, dtype)
     finally:
@@ -590,7 +611,7 @@ def _convert_wavenet(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             i, rest = k[len(head) :].split(".", 1)
             for a, b in _WAVENET_LAYER_RULES:
                 if rest.startswith(a):
-                    out[f"backbone.layers.{i}.{b}{rest[len(a):]}"] = v
+                    out[f"backbone.layers.{i}.{b}{rest[len(a) :]}"] = v
                     break
             else:
                 raise UserError(f"official DiffWave WaveNet state_dict: unexpected key {k!r}")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sashimi.errors import UserError
+
 Q_ZERO = 128  # the official q_zero(bits=8): the token of 0.0, the start/padding token
 N_OUT = 256  # the official SampleLevelMLP always outputs 256 logits
 
@@ -48,21 +50,23 @@ def _weight_norm(g: Tensor, v: Tensor) -> Tensor:
     return v * (g / v.norm(2, dim=tuple(range(1, v.dim())), keepdim=True))
 
 
-class WNConv1d(nn.Module):
-    """Conv1d whose weight is either plain (`weight`) or weight-normed (`weight_g`, `weight_v`)."""
+class _WeightNormed(nn.Module):
+    """A `weight` that is plain or legacy weight-normed (`weight_g`, `weight_v`, dim 0).
 
-    def __init__(
-        self, c_in: int, c_out: int, kernel_size: int, bias: bool = True, weight_norm: bool = True
-    ):
-        super().__init__()
+    Without autograd (generation, evaluation), W = g v / ||v|| is cached and recomputed when
+    g or v change: in-place updates (optimizer steps, load_state_dict) bump their version
+    counters and .to() replaces their storage. Writes through `.data` do neither: call
+    `SampleRNN.setup_step()` after those.
+    """
+
+    def _init_weight(self, shape: tuple[int, ...], weight_norm: bool) -> None:
         self.use_wn = weight_norm
-        w = torch.empty(c_out, c_in, kernel_size)
         if weight_norm:
-            self.weight_v = nn.Parameter(w)
-            self.weight_g = nn.Parameter(torch.empty(c_out, 1, 1))
+            self.weight_v = nn.Parameter(torch.empty(shape))
+            self.weight_g = nn.Parameter(torch.empty(shape[0], *[1] * (len(shape) - 1)))
         else:
-            self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+            self.weight = nn.Parameter(torch.empty(shape))
+        self._cache: tuple[tuple, Tensor] | None = None
 
     @torch.no_grad()
     def init_(self, fn) -> None:
@@ -70,36 +74,44 @@ class WNConv1d(nn.Module):
         w = self.weight_v if self.use_wn else self.weight
         fn(w)
         if self.use_wn:
-            self.weight_g.copy_(w.norm(2, dim=(1, 2), keepdim=True))
-        if self.bias is not None:
+            self.weight_g.copy_(w.norm(2, dim=tuple(range(1, w.dim())), keepdim=True))
+        if getattr(self, "bias", None) is not None:
             self.bias.zero_()
 
     def effective_weight(self) -> Tensor:
-        """(out, in, k)"""
-        return _weight_norm(self.weight_g, self.weight_v) if self.use_wn else self.weight
+        if not self.use_wn:
+            return self.weight
+        g, v = self.weight_g, self.weight_v
+        if torch.is_grad_enabled():
+            return _weight_norm(g, v)
+        key = (g._version, v._version, g.data_ptr(), v.data_ptr(), v.dtype, v.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _weight_norm(g, v))
+        return self._cache[1]
+
+
+class WNConv1d(_WeightNormed):
+    """Conv1d, weight (out, in, k), optionally weight-normed per output channel."""
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int, bias: bool = True, weight_norm: bool = True
+    ):
+        super().__init__()
+        self._init_weight((c_out, c_in, kernel_size), weight_norm)
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv1d(x, self.effective_weight(), self.bias)
 
 
-class WNConvTranspose1d(nn.Module):
+class WNConvTranspose1d(_WeightNormed):
     """Bias-free ConvTranspose1d with stride = kernel; weight (in, out, k), weight norm along dim 0
     (per *input* channel, as legacy weight_norm on ConvTranspose1d does)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, weight_norm: bool = True):
         super().__init__()
-        self.use_wn = weight_norm
         self.kernel_size = kernel_size
-        w = torch.empty(c_in, c_out, kernel_size)
-        if weight_norm:
-            self.weight_v = nn.Parameter(w)
-            self.weight_g = nn.Parameter(torch.empty(c_in, 1, 1))
-        else:
-            self.weight = nn.Parameter(w)
-
-    def effective_weight(self) -> Tensor:
-        """(in, out, k)"""
-        return _weight_norm(self.weight_g, self.weight_v) if self.use_wn else self.weight
+        self._init_weight((c_in, c_out, kernel_size), weight_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv_transpose1d(x, self.effective_weight(), stride=self.kernel_size)
@@ -172,12 +184,9 @@ class FrameLevelRNN(nn.Module):
                 getattr(self.rnn, f"bias_ih_l{i}").zero_()
                 getattr(self.rnn, f"bias_hh_l{i}").zero_()
         self.upsampling = LearnedUpsampling1d(H, frame_size, weight_norm)
-        with torch.no_grad():
-            conv_t = self.upsampling.conv_t
-            w = conv_t.weight_v if weight_norm else conv_t.weight
-            nn.init.uniform_(w, -math.sqrt(6 / H), math.sqrt(6 / H))
-            if weight_norm:
-                conv_t.weight_g.copy_(w.norm(2, dim=(1, 2), keepdim=True))
+        self.upsampling.conv_t.init_(
+            lambda w: nn.init.uniform_(w, -math.sqrt(6 / H), math.sqrt(6 / H))
+        )
 
     def forward(self, frames: Tensor, cond: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
         """frames (B, M, n) float, cond (B, M, H) or None, h (n_rnn, B, H)
@@ -243,13 +252,13 @@ class SampleRNN(nn.Module):
         super().__init__()
         frame_sizes = tuple(int(f) for f in frame_sizes)
         if not frame_sizes or min(frame_sizes) < 1:
-            raise ValueError(f"SampleRNN: frame_sizes must be positive, got {frame_sizes}")
+            raise UserError(f"SampleRNN: frame_sizes must be positive, got {frame_sizes}")
         if quantization not in ("mu-law", "linear"):
-            raise ValueError(
+            raise UserError(
                 f"SampleRNN: quantization must be 'mu-law' or 'linear', got {quantization!r}"
             )
         if q_levels != N_OUT:
-            raise ValueError(f"SampleRNN: q_levels must be {N_OUT} (8-bit audio), got {q_levels}")
+            raise UserError(f"SampleRNN: q_levels must be {N_OUT} (8-bit audio), got {q_levels}")
         self.frame_sizes, self.n_rnn, self.d_hidden, self.d_model = (
             frame_sizes,
             n_rnn,
@@ -297,7 +306,7 @@ class SampleRNN(nn.Module):
         B, L_in = x.shape
         L = L_in - self.context
         if L <= 0 or L % self.lookback:
-            raise ValueError(
+            raise UserError(
                 f"SampleRNN: input length {L_in} must be lookback - 1 ({self.context}) plus a "
                 f"positive multiple of the lookback ({self.lookback})"
             )
@@ -313,11 +322,19 @@ class SampleRNN(nn.Module):
         return (logits, new_hidden) if return_state else logits
 
     # ------------------------------------------------------------------ generation
+    @torch.no_grad()
     def setup_step(self) -> None:
-        """Nothing to precompute (weight norm is recomputed per call); kept for the AR interface."""
+        """Recompute the weight-norm caches used without autograd (they also refresh by
+        themselves on in-place updates, but not on writes through `.data`)."""
+        for mod in self.modules():
+            if isinstance(mod, _WeightNormed):
+                mod._cache = None
+                mod.effective_weight()
 
     def default_state(self, batch: int, device: torch.device | str | None = None) -> SampleRNNState:
-        """Learned h0 per tier and a window of lookback - 1 tokens of 128 (the training padding)."""
+        """Learned h0 per tier and a window of lookback - 1 tokens of 128 (the training padding).
+        Also runs `setup_step`."""
+        self.setup_step()
         p = self.sample_level_mlp.embedding.weight
         device = p.device if device is None else torch.device(device)
         window = torch.full(

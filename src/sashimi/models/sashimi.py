@@ -328,16 +328,22 @@ class SaShiMi(nn.Module):
 
     # ---- recurrent (generation) mode ------------------------------------
 
-    def setup_step(self, compile: bool = False) -> None:
-        """Prepare for `step` (idempotent): discretise every S4 layer, cache the weight-normed
-        pool weights. `compile=True` wraps each stage's step in torch.compile (first steps are
-        slow while it compiles; falls back to eager if compilation fails)."""
+    def setup_step(self, compile: bool = False, s4_mode: str = "auto", fast: bool = True) -> None:
+        """Prepare for `step` (idempotent; redo after the weights change): discretise every S4
+        layer, cache the weight-normed pool weights. `compile=True` wraps each stage's step in
+        torch.compile (the first steps are slow while it compiles; falls back to eager if
+        compilation fails). `s4_mode` is passed to S4Block.setup_step ("auto" | "modal" |
+        "dense"; "dense" is the official-style exact step, the slow reference). `fast=False`
+        steps every block through its own `step` (the oracle for the fused fast path)."""
         if not self.causal:
             raise UserError("SaShiMi.setup_step: a bidirectional model cannot be stepped")
         for m in self.modules():
-            if isinstance(m, (S4Block, DownPool, UpPool)):
+            if isinstance(m, S4Block):
+                m.setup_step(mode=s4_mode)
+            elif isinstance(m, (DownPool, UpPool)):
                 m.setup_step()
-        self._stepper = _Stepper(self, compile=compile)
+        fast = fast and s4_mode != "dense"
+        self._stepper = _Stepper(self, compile=compile, fast=fast)
 
     def default_state(self, batch: int, device=None) -> dict:
         """Fresh generation state; `step` updates it in place and returns it."""
@@ -357,34 +363,161 @@ class SaShiMi(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _run_blocks(blocks: Sequence[ResidualBlock], x: Tensor, states: list) -> tuple[Tensor, list]:
-    """Step a chain of residual blocks: x (B, H) and one state per block."""
+# ---------------------------------------------------------------------------
+# recurrent mode: the machinery behind SaShiMi.step
+# ---------------------------------------------------------------------------
+
+
+class _GenericChain:
+    """A chain of residual blocks stepped block by block through their own `step` (the oracle)."""
+
+    fused = False
+
+    def __init__(self, blocks: Sequence[ResidualBlock]):
+        self.blocks = list(blocks)
+
+    def default_state(self, batch: int, device) -> list:
+        return [b.default_state(batch, device=device) for b in self.blocks]
+
+    def __call__(self, x: Tensor, states: list) -> tuple[Tensor, list]:  # (B, H)
+        new = []
+        for blk, st in zip(self.blocks, states):
+            x, st = blk.step(x, st)
+            new.append(st)
+        return x, new
+
+
+class _FusedChain:
+    """The same chain as ONE pure function of stacked tensors (fast path, eval semantics: no dropout).
+
+    Every S4 layer steps in its diagonalised float64 form from `S4Kernel.modal_system()`
+    (poles lambda-bar and output weights c-hat, per channel), written in real arithmetic so
+    torch.compile can fuse it: with s = s_r + i s_i and lambda-bar = a + i b,
+        s_r <- a s_r - b s_i + u,   s_i <- a s_i + b s_r,   y = sum_m (c_r s_r - c_i s_i) + D u,
+    then GELU -> output linear (-> GLU) as in S4Block. The state of all S4 layers of the chain
+    is one float64 tensor (n_s4, 2, B, H, M). Built only when every S4 layer is well
+    conditioned for the modal form; otherwise the chain stays generic.
+    """
+
+    fused = True
+
+    def __init__(self, blocks: Sequence[ResidualBlock]):
+        kinds, norm_m, norm_s = [], [], []
+        lam, chat, D, Wo, bo, W1, b1, W2, b2 = [], [], [], [], [], [], [], [], []
+        glu = False
+        with torch.no_grad():
+            for blk in blocks:
+                layer = blk.layer
+                norm_m.append(blk.norm.m.reshape(()))
+                norm_s.append(blk.norm.s.reshape(()))
+                if isinstance(layer, S4Block):
+                    l, c, cond = layer.kernel.modal_system()  # (H, M), (1, H, M) complex128
+                    if cond >= _MAX_MODAL_COND or layer.bidirectional:
+                        raise _NotFusable(f"S4 eigenvector condition number {cond:.1e}")
+                    kinds.append("s4")
+                    glu = layer.glu
+                    l, c = _half_spectrum(l, c[0])  # (H, M), M = N/2 when the modes pair up
+                    lam.append(torch.view_as_real(l).permute(2, 0, 1))  # (2, H, M): a, b
+                    chat.append(torch.view_as_real(c).permute(2, 0, 1))  # (2, H, M): c_r, c_i
+                    D.append(layer.D.double()[0])  # (H,)
+                    Wo.append(layer.output_linear.weight)
+                    bo.append(layer.output_linear.bias)
+                elif isinstance(layer, FFBlock):
+                    kinds.append("ff")
+                    W1.append(layer.linear1.weight)
+                    b1.append(layer.linear1.bias)
+                    W2.append(layer.linear2.weight)
+                    b2.append(layer.linear2.bias)
+                else:
+                    raise _NotFusable(f"layer {type(layer).__name__}")
+
+            def stack(ts):
+                return torch.stack([t.detach() for t in ts]).contiguous() if ts else torch.zeros(0)
+
+            self.kinds, self.glu = tuple(kinds), glu
+            self.params = tuple(stack(t) for t in (norm_m, norm_s, lam, chat, D, Wo, bo, W1, b1, W2, b2))
+        self.n_s4 = kinds.count("s4")
+        self.M = lam[0].shape[-1] if lam else 0
+        self.H = blocks[0].d_model
+
+    def default_state(self, batch: int, device) -> Tensor:
+        return torch.zeros(self.n_s4, 2, batch, self.H, self.M, dtype=torch.float64, device=device)
+
+    def __call__(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        return _fused_chain_step(x, state, self.params, self.kinds, self.glu)
+
+
+class _NotFusable(Exception):
+    pass
+
+
+_MAX_MODAL_COND = 1e10  # as S4Block: above this the float64 modal step loses accuracy
+
+
+def _half_spectrum(lam: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep one mode of each conjugate pair, with its output weight doubled.
+
+    The conjugate-extended S4 system is real (A, B, C commute with swap-and-conjugate), so its
+    modes come in conjugate pairs whose contributions to y = Re(sum c s) are conjugates:
+    y = sum over modes with Im(lambda-bar) > 0 of 2 Re(c s). Falls back to all modes (returned
+    unchanged) if some channel has a (numerically) real pole or the halves do not match.
+    """
+    H, N = lam.shape
+    order = torch.argsort(lam.imag, dim=-1, descending=True)  # (H, N)
+    lam_s, c_s = lam.gather(-1, order), c.gather(-1, order)
+    top, bottom = lam_s[:, : N // 2], lam_s[:, N // 2 :].flip(-1)  # bottom reversed: partners
+    scale = lam.abs().amax().clamp_min(1e-300)
+    if N % 2 or top.imag.amin() <= 1e-9 * scale or (top - bottom.conj()).abs().amax() > 1e-9 * scale:
+        return lam, c
+    return top.contiguous(), 2 * c_s[:, : N // 2].contiguous()
+
+
+def _fused_chain_step(x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu: bool) -> tuple[Tensor, Tensor]:
+    """x (B, H), state (n_s4, 2, B, H, M) float64 -> (x, new state). See _FusedChain."""
+    norm_m, norm_s, lam, chat, D, Wo, bo, W1, b1, W2, b2 = params
     new = []
-    for blk, st in zip(blocks, states):
-        x, st = blk.step(x, st)
-        new.append(st)
-    return x, new
+    j = f = 0
+    for k, kind in enumerate(kinds):
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)  # (B, 1)
+        z = (x - mean + norm_m[k]) * (norm_s[k] / std)  # ChannelNorm, (B, H)
+        if kind == "s4":
+            u = z.to(torch.float64)  # (B, H)
+            sr, si = state[j, 0], state[j, 1]  # (B, H, M)
+            a, b = lam[j, 0], lam[j, 1]  # (H, M)
+            sr, si = a * sr - b * si + u.unsqueeze(-1), a * si + b * sr
+            y = (chat[j, 0] * sr - chat[j, 1] * si).sum(-1) + D[j] * u  # (B, H)
+            new.append(torch.stack([sr, si]))
+            h = F.linear(F.gelu(y.to(x.dtype)), Wo[j], bo[j])  # (B, H or 2H)
+            if glu:
+                h = F.glu(h, dim=-1)
+            j += 1
+        else:
+            h = F.linear(F.gelu(F.linear(z, W1[f], b1[f])), W2[f], b2[f])  # (B, H)
+            f += 1
+        x = x + h
+    return x, (torch.stack(new) if new else state)
 
 
 class _Stepper:
     """The recurrent view of a SaShiMi: per level l (width H_l, one tick per prod(pool[:l])
-    samples) a list of down blocks (unet only), a DownPool, an UpPool and a list of up
+    samples) a chain of down blocks (unet only), a DownPool, an UpPool and a chain of up
     blocks; the centre at level P = len(pool).
 
-    Per tick of level l: run the down blocks, buffer the result in the DownPool; when the
-    buffer is full (every pool[l] ticks) fire it, tick level l+1, and refill the UpPool's
-    output buffer from its result; then emit one buffered UpPool output and run the up
-    blocks. Emission happens before the refill, which is the one-pooled-step causal shift.
+    Per tick of level l: run the down blocks, buffer the result in the DownPool; emit one
+    buffered UpPool output; when the DownPool's buffer is full (every pool[l] ticks) fire it,
+    tick level l+1 once and refill the UpPool's buffer from its result (emitting before
+    refilling is the one-pooled-step causal shift); then run the up blocks.
 
-    The dense per-stage work (a chain of residual blocks, plus the final norm and output
-    layer at level 0) is a pure function of tensors, optionally torch.compile'd.
+    The dense per-stage work (a chain of residual blocks with its skips, plus the final norm
+    and output layer at level 0) is one function per stage; with `fast=True` the chains are
+    _FusedChain (one pure function of stacked tensors, the thing torch.compile is applied to),
+    else _GenericChain (each block's own `step`).
     """
 
-    def __init__(self, model: SaShiMi, compile: bool = False):
+    def __init__(self, model: SaShiMi, compile: bool = False, fast: bool = True):
         self.model = model
         P = len(model.pool)
-        self.P = P
-        self.strides = model.pool
+        self.P, self.strides, self.unet = P, model.pool, model.unet
         self.down_blocks: list[list[ResidualBlock]] = [[] for _ in range(P)]
         self.down_pools: list[DownPool] = []
         level = 0
@@ -397,65 +530,62 @@ class _Stepper:
         self.up_pools: list[UpPool] = [None] * P  # type: ignore[list-item]
         self.up_blocks: list[list[ResidualBlock]] = [[] for _ in range(P)]
         for j, block in enumerate(model.u_layers):  # innermost first
-            l = P - 1 - j
-            self.up_pools[l] = block[0]
-            self.up_blocks[l] = list(block[1:])
-        self.center: list[ResidualBlock] = list(model.c_layers)
-        self.unet = model.unet
+            self.up_pools[P - 1 - j] = block[0]
+            self.up_blocks[P - 1 - j] = list(block[1:])
 
-        # dense per-stage functions
-        self._fn_down: list[Callable] = [self._make_chain(l, "down") for l in range(P)]
-        self._fn_up: list[Callable] = [self._make_chain(l, "up") for l in range(P)]
-        self._fn_center: Callable = self._make_chain(P, "center")
+        def chain(blocks):
+            if fast and not self.unet and blocks:
+                try:
+                    return _FusedChain(blocks)
+                except _NotFusable:
+                    pass
+            return _GenericChain(blocks)
+
+        self.up_chains = [chain(b) for b in self.up_blocks]
+        self.center_chain = chain(list(model.c_layers))
+        self.down_chains = [_GenericChain(b) for b in self.down_blocks]  # unet only
+        with torch.no_grad():
+            self.head = (model.norm.weight.detach(), model.norm.bias.detach(), model.output.weight.detach(),
+                         model.output.bias.detach())  # fmt: skip
+        self._fn_up: list[Callable] = [self._make_up(l) for l in range(P)]
+        self._fn_center: Callable = self._make_center()
         if compile:
             self._compile()
 
     # -- stage functions (pure: tensors in, tensors out) --
 
-    def _make_chain(self, level: int, where: str) -> Callable:
-        m = self.model
-        if where == "center":
-            blocks = self.center
+    def _make_center(self) -> Callable:
+        chain = self.center_chain
 
-            def center(x: Tensor, states: list) -> tuple[Tensor, list]:
-                y, states = _run_blocks(blocks, x, states)
-                return y + x, states  # skip around the centre
+        def center(x: Tensor, state) -> tuple[Tensor, object]:
+            y, state = chain(x, state)
+            return y + x, state  # skip around the centre
 
-            return center
-        if where == "down":
-            blocks = self.down_blocks[level]
+        return center
 
-            def down(x: Tensor, states: list) -> tuple[Tensor, list, list]:
-                skips = [x]
-                new = []
-                for blk, st in zip(blocks, states):
-                    x, st = blk.step(x, st)
-                    skips.append(x)
-                    new.append(st)
-                return x, skips, new
+    def _make_up(self, level: int) -> Callable:
+        chain, blocks = self.up_chains[level], self.up_blocks[level]
+        last, unet = level == 0, self.unet
+        eps = self.model.norm.eps
 
-            return down
-        blocks = self.up_blocks[level]
-        last = level == 0
-        unet = self.unet
-
-        def up(y: Tensor, skips: list, states: list) -> tuple[Tensor, list]:
+        def up(y: Tensor, skips: list, state, head: tuple) -> tuple[Tensor, object]:
             # y: the UpPool's output for this tick (B, H_l); skips: this tick's level-l skips
-            if unet:
+            if unet:  # every block consumes the mirrored down output
                 y = y + skips[-1]
                 new = []
-                for i, (blk, st) in enumerate(zip(blocks, states)):
+                for i, (blk, st) in enumerate(zip(blocks, state)):
                     y, st = blk.step(y, st)
                     y = y + skips[-2 - i]
                     new.append(st)
+                state = new
             else:
                 y = y + skips[0]  # plus the input of the matching down stage
                 s = y
-                y, new = _run_blocks(blocks, y, states)
+                y, state = chain(y, state)
                 y = y + s  # skip around the up stage
-            if last:
-                y = m.output(m.norm(y))  # (B, n_classes)
-            return y, new
+            if last:  # final LayerNorm and output layer
+                y = F.linear(F.layer_norm(y, y.shape[-1:], head[0], head[1], eps), head[2], head[3])
+            return y, state
 
         return up
 
@@ -469,7 +599,7 @@ class _Stepper:
                     return fn(*args)
                 try:
                     return compiled(*args)
-                except Exception as e:  # compiler missing / unsupported op: stay correct
+                except Exception as e:  # no compiler / unsupported op: stay correct, go eager
                     warnings.warn(f"SaShiMi step: torch.compile failed ({type(e).__name__}: {e}); "
                                   "using eager", stacklevel=2)  # fmt: skip
                     fallback[0] = True
@@ -477,7 +607,6 @@ class _Stepper:
 
             return call
 
-        self._fn_down = [wrap(f) if self.down_blocks[l] else f for l, f in enumerate(self._fn_down)]
         self._fn_up = [wrap(f) for f in self._fn_up]
         self._fn_center = wrap(self._fn_center)
 
@@ -486,33 +615,35 @@ class _Stepper:
     def default_state(self, batch: int, device=None) -> dict:
         p = next(self.model.parameters())
         device = p.device if device is None else torch.device(device)
-
-        def states(blocks):
-            return [b.default_state(batch, device=device) for b in blocks]
-
         return {
             "down_buf": [[] for _ in range(self.P)],  # inputs waiting in each DownPool
             "up_buf": [  # outputs each UpPool still has to emit: zeros first (causal shift)
                 [torch.zeros(batch, up.d_output, device=device, dtype=p.dtype)] * s
                 for up, s in zip(self.up_pools, self.strides)
             ],
-            "down": [states(b) for b in self.down_blocks],
-            "center": states(self.center),
-            "up": [states(b) for b in self.up_blocks],
+            "down": [c.default_state(batch, device) for c in self.down_chains],
+            "center": self.center_chain.default_state(batch, device),
+            "up": [c.default_state(batch, device) for c in self.up_chains],
         }
 
     # -- one sample --
 
     def step(self, token: Tensor, state: dict) -> Tensor:
-        x = self.model.embedding(token)  # (B, H)
+        x = F.embedding(token, self.model.embedding.weight)  # (B, H)
         return self._tick(0, x, state)
 
     def _tick(self, l: int, x: Tensor, state: dict) -> Tensor:
         if l == self.P:
             y, state["center"] = self._fn_center(x, state["center"])
             return y
-        if self.down_blocks[l]:
-            x, skips, state["down"][l] = self._fn_down[l](x, state["down"][l])
+        if self.unet:  # down blocks, every output a skip for the mirrored up block
+            skips = [x]
+            new = []
+            for blk, st in zip(self.down_blocks[l], state["down"][l]):
+                x, st = blk.step(x, st)
+                skips.append(x)
+                new.append(st)
+            state["down"][l] = new
         else:
             skips = [x]
         buf = state["down_buf"][l]
@@ -522,9 +653,8 @@ class _Stepper:
         if len(buf) == self.strides[l]:  # the DownPool fires: run the next level once
             z = self._tick(l + 1, self.down_pools[l].fire(buf), state)
             buf.clear()
-            assert not up_buf
             up_buf.extend(self.up_pools[l].refill(z))
-        y, state["up"][l] = self._fn_up[l](y, skips, state["up"][l])
+        y, state["up"][l] = self._fn_up[l](y, skips, state["up"][l], self.head)
         return y
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sashimi.errors import UserError
+
 N_TOKENS = 256  # input vocabulary; the official WaveNetModel hard-codes d_model = 256
 
 
@@ -67,13 +69,16 @@ class WaveNet(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        if (
-            min(layers, blocks, residual_channels, dilation_channels, skip_channels, end_channels)
-            < 1
-        ):
-            raise ValueError("WaveNet: layers, blocks and channel counts must be >= 1")
+        sizes = dict(layers=layers, blocks=blocks, residual_channels=residual_channels,
+                     dilation_channels=dilation_channels, skip_channels=skip_channels,
+                     end_channels=end_channels)  # fmt: skip
+        for name, value in sizes.items():
+            if value < 1:
+                raise UserError(f"WaveNet: {name} must be >= 1, got {value}")
         if kernel_size < 2:
-            raise ValueError(f"WaveNet: kernel_size must be >= 2, got {kernel_size}")
+            raise UserError(f"WaveNet: kernel_size must be >= 2, got {kernel_size}")
+        if classes != N_TOKENS:
+            raise UserError(f"WaveNet: classes must be {N_TOKENS} (8-bit audio), got {classes}")
         self.layers, self.blocks = layers, blocks
         self.residual_channels, self.dilation_channels = residual_channels, dilation_channels
         self.skip_channels, self.end_channels = skip_channels, end_channels
@@ -144,7 +149,7 @@ class WaveNet(nn.Module):
         """x: LongTensor (B, RF + L) -> logits (B, L, 256); logits[:, j] is for input RF + j."""
         L_in = x.shape[-1]
         if L_in <= self.receptive_field:
-            raise ValueError(
+            raise UserError(
                 f"WaveNet: input length {L_in} must exceed the receptive field {self.receptive_field}"
             )
         return self._stack(

@@ -37,7 +37,9 @@ Two ways to evaluate it live here:
 * ``keops``: the real-arithmetic sums as a pykeops reduction (optional import;
   mostly useful on GPUs, slower than plain torch on CPU).
 
-``auto`` resolves to ``torch``. Set SASHIMI_COMPILE=0 to force the eager path.
+``auto`` resolves to ``torch``. Compiling costs tens of seconds once per process on a CPU,
+so by default (SASHIMI_COMPILE unset or "auto") only large problems (H * (L/2+1) * N/2 >= 2^22,
+e.g. H=64, L >= 4096) use the compiled path; SASHIMI_COMPILE=1 compiles always, 0 never.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ BACKENDS = ("auto", "naive", "torch", "keops")
 
 # Elements of one (H, K_chunk, N/2) coefficient tensor in the eager fallback.
 _EAGER_CHUNK_ELEMENTS = 1 << 20
+# With SASHIMI_COMPILE=auto, compile only Cauchy problems with at least this many (H, K, N/2) terms.
+_COMPILE_MIN_ELEMENTS = 1 << 22
 
 
 def resolve_backend(backend: str) -> str:
@@ -63,7 +67,9 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         from sashimi.errors import UserError
 
-        raise UserError(f"unknown S4 kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise UserError(
+            f"unknown S4 kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}"
+        )
     if backend == "auto":
         return "torch"
     if backend == "keops" and not has_pykeops():
@@ -97,14 +103,18 @@ def cauchy_naive(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(dim=-2)  # (..., N, K) -> (..., K)
 
 
-def official_nodes(L: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def official_nodes(
+    L: int, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """Official FFT nodes: omega_k = exp(-2 pi i / L)^k and z_k = 2 (1 - omega_k) / (1 + omega_k), k <= L//2.
 
     The base is rounded to ``dtype`` before powering, exactly as the official code does
     (which is where the complex64 kernel loses accuracy near the Nyquist frequency).
     """
     cdtype = torch.complex128 if dtype in (torch.float64, torch.complex128) else torch.complex64
-    base = torch.tensor(complex(math.cos(2 * math.pi / L), -math.sin(2 * math.pi / L)), dtype=cdtype, device=device)
+    base = torch.tensor(
+        complex(math.cos(2 * math.pi / L), -math.sin(2 * math.pi / L)), dtype=cdtype, device=device
+    )
     omega = base ** torch.arange(L // 2 + 1, device=device)  # (K,)
     z = 2 * (1 - omega) / (1 + omega)  # (K,)
     return omega, z
@@ -124,7 +134,9 @@ def _kernel_naive(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def frequency_nodes(L: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def frequency_nodes(
+    L: int, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """(cos, sin)(pi k / L) for k = 0..L//2, computed in float64 and then cast to ``dtype``.
 
     z_k = 2i tan(pi k / L) = 2i s_k / c_k and 2 / (1 + omega_k) = (c_k + i s_k) / c_k.
@@ -136,7 +148,9 @@ def frequency_nodes(L: int, dtype: torch.dtype, device: torch.device | None = No
     return c.to(dtype), s.to(dtype)
 
 
-def _cauchy_coefficients(wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _cauchy_coefficients(
+    wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Real coefficients of the conjugate-pair Cauchy terms, broadcast over (..., K, N2).
 
     For v = vr + i vi:  v/(2is - wc) + conj(v)/(2is - conj(w)c) = (vr a + vi b) + i (vi g - vr d).
@@ -151,12 +165,15 @@ def _cauchy_coefficients(wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[
     return x * (i1 + i2), y1 * i1 - y2 * i2, x * (i1 - i2), y1 * i1 + y2 * i2
 
 
-def _cauchy_fused(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def _cauchy_fused(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor]:
     """Broadcast multiply-sum form, meant for torch.compile (Inductor fuses it into one reduction).
 
     vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,). Returns Re, Im of rho: (M, H, K) each.
     """
-    a, b, g, d = _cauchy_coefficients(wr.unsqueeze(1), wi.unsqueeze(1), c.unsqueeze(1), s.unsqueeze(1))  # (H, K, N2)
+    wr, wi, c, s = wr.unsqueeze(1), wi.unsqueeze(1), c.unsqueeze(1), s.unsqueeze(1)
+    a, b, g, d = _cauchy_coefficients(wr, wi, c, s)  # (H, K, N2), never materialised when compiled
     vr, vi = vr.unsqueeze(2), vi.unsqueeze(2)  # (M, H, 1, N2)
     # Unrolled over the few numerators so all 2M reductions share one loop nest.
     re = torch.stack([(vr[m] * a + vi[m] * b).sum(-1) for m in range(vr.shape[0])])  # (M, H, K)
@@ -164,7 +181,9 @@ def _cauchy_fused(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: 
     return re, im
 
 
-def _cauchy_chunk_matmul(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def _cauchy_chunk_matmul(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor]:
     """Eager form for one chunk of frequencies: coefficients then a batched matmul over N2.
 
     vr, vi: (H, N2, M); wr, wi: (H, 1, N2); c, s: (Kc, 1). Returns (H, Kc, M) twice.
@@ -175,7 +194,9 @@ def _cauchy_chunk_matmul(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tens
     return re, im
 
 
-def _cauchy_eager(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def _cauchy_eager(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor]:
     """Chunked over K; each chunk is checkpointed so the backward recomputes it (memory stays bounded)."""
     M, H, N2 = vr.shape
     K = c.shape[0]
@@ -187,7 +208,9 @@ def _cauchy_eager(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: 
     for k0 in range(0, K, step):
         args = (vr_t, vi_t, wr_, wi_, c[k0 : k0 + step, None], s[k0 : k0 + step, None])
         if needs_grad and K > step:
-            re, im = torch.utils.checkpoint.checkpoint(_cauchy_chunk_matmul, *args, use_reentrant=False)
+            re, im = torch.utils.checkpoint.checkpoint(
+                _cauchy_chunk_matmul, *args, use_reentrant=False
+            )
         else:
             re, im = _cauchy_chunk_matmul(*args)
         res.append(re)
@@ -197,7 +220,9 @@ def _cauchy_eager(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: 
     return re, im
 
 
-def _cauchy_keops(vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def _cauchy_keops(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor]:
     """pykeops reduction of the same real-arithmetic terms (batch over H, i = frequency, j = mode)."""
     from pykeops.torch import LazyTensor
 
@@ -219,9 +244,18 @@ _compiled_fn: Callable | None = None
 _compile_broken = False
 
 
-def compile_enabled() -> bool:
-    """Whether the fused path will be tried (SASHIMI_COMPILE=0 disables it; a failed compile disables it too)."""
-    return os.environ.get("SASHIMI_COMPILE", "1") != "0" and not _compile_broken and hasattr(torch, "compile")
+def compile_enabled(elements: int | None = None) -> bool:
+    """Whether the compiled fused path is used for a problem of ``elements`` = H * K * N/2 Cauchy terms.
+
+    SASHIMI_COMPILE: "0" never, "1" always, "auto" (default) from _COMPILE_MIN_ELEMENTS terms up.
+    A failed compilation disables it for the rest of the process.
+    """
+    mode = os.environ.get("SASHIMI_COMPILE", "auto").lower()
+    if mode in ("0", "never", "false") or _compile_broken or not hasattr(torch, "compile"):
+        return False
+    if mode in ("1", "always", "true"):
+        return True
+    return elements is None or elements >= _COMPILE_MIN_ELEMENTS
 
 
 def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -231,9 +265,14 @@ def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
         _compiled_fn = torch.compile(_cauchy_fused, dynamic=True, fullgraph=True)
     try:
         return _compiled_fn(*args)
-    except Exception as err:  # compiler missing or broken: fall back to the eager chunked path for good
+    except (
+        Exception
+    ) as err:  # compiler missing or broken: fall back to the eager chunked path for good
         _compile_broken = True
-        warnings.warn(f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager fallback")
+        warnings.warn(
+            f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager fallback",
+            stacklevel=2,
+        )
         return None
 
 
@@ -243,11 +282,18 @@ def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "to
     v: (M, H, N2) complex numerators; dtA: (H, N2) complex poles w (Re w < 0); c, s: (K,) nodes
     from :func:`frequency_nodes`. Returns (M, H, K) complex.
     """
-    args = (v.real.contiguous(), v.imag.contiguous(), dtA.real.contiguous(), dtA.imag.contiguous(), c, s)
+    args = (
+        v.real.contiguous(),
+        v.imag.contiguous(),
+        dtA.real.contiguous(),
+        dtA.imag.contiguous(),
+        c,
+        s,
+    )
     out = None
     if backend == "keops":
         out = _cauchy_keops(*args)
-    elif compile_enabled():
+    elif compile_enabled(dtA.numel() * c.numel()):
         out = _cauchy_compiled(*args)
     if out is None:
         out = _cauchy_eager(*args)
@@ -264,7 +310,9 @@ def _kernel_fast(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str) -> T
     return torch.fft.irfft(k_f, n=L)  # (c, H, L)
 
 
-def dplr_kernel(dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto") -> Tensor:
+def dplr_kernel(
+    dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto"
+) -> Tensor:
     """Length-L convolution kernel of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
 
     dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored C~
@@ -376,12 +424,13 @@ def benchmark_kernel(
 
     fwd_s, fwd_mb = measure(fwd)
     fwd_bwd_s, fwd_bwd_mb = measure(fwd_bwd)
-    fused = resolve_backend(backend) == "torch" and compile_enabled()
+    fused = resolve_backend(backend) == "torch" and compile_enabled(H * (L // 2 + 1) * (N // 2))
     return {
         "H": H,
         "L": L,
         "N": N,
-        "backend": resolve_backend(backend) + ("-compiled" if fused else ("" if backend == "naive" else "-eager")),
+        "backend": resolve_backend(backend)
+        + ("-compiled" if fused else ("" if backend == "naive" else "-eager")),
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -45,6 +45,7 @@ convert those (dt is re-expressed through the inverse softplus; the kernel is un
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -79,13 +80,14 @@ def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
     return A, r
 
 
-def hippo_legs_nplr(N: int, B_clip: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(Lambda, P, B) with A_legs = V (diag(Lambda) - P P^*) V^*, keeping one mode of each conjugate pair.
+def hippo_legs_nplr(N: int, B_clip: float = 2.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Lambda, P, B, V) with A_legs = V (diag(Lambda) - P P^*) V^*, keeping one mode of each conjugate pair.
 
     A_legs + p p^T = -1/2 I + skew-symmetric with p_n = sqrt(n + 1/2), so its eigenvalues are
     -1/2 + i * eig(-i * skew) and V is unitary. The N/2 eigenvalues with negative imaginary part
     are kept, sorted by imaginary part ascending; B and P are rotated by V^*, and Im B is
-    clipped to [-B_clip, B_clip] as in the official initialisation. Returns complex128 (N/2,) each.
+    clipped to [-B_clip, B_clip] as in the official initialisation. Returns complex128 (N/2,) each
+    and the kept eigenvectors V (N, N/2) (the other half is conj(V), since A_legs + p p^T is real).
     """
     A, B = hippo_legs(N)
     p = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)  # (N,)
@@ -99,7 +101,7 @@ def hippo_legs_nplr(N: int, B_clip: float = 2.0) -> tuple[Tensor, Tensor, Tensor
     B = Vh @ B.to(V)  # (N/2,)
     P = Vh @ p.to(V)  # (N/2,)
     B = torch.complex(B.real, B.imag.clamp(-B_clip, B_clip))
-    return Lambda, P, B
+    return Lambda, P, B, V
 
 
 def _inverse_softplus(x: Tensor) -> Tensor:
@@ -144,35 +146,37 @@ class S4Kernel(nn.Module):
         N2 = N // 2
 
         # Same random draws, in the same order, as the official SSMKernelDPLR (seeded inits coincide).
-        log_dt = torch.rand(H, 1) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H, 1)
+        log_dt_range = math.log(dt_max) - math.log(dt_min)
+        log_dt = torch.rand(H, 1) * log_dt_range + math.log(dt_min)  # (H, 1)
         inv_dt = _inverse_softplus(torch.exp(log_dt))  # dt = softplus(inv_dt)
-        Lambda, P, B = hippo_legs_nplr(N)  # (N2,) complex128 each
-        C = torch.randn(channels, H, N2, dtype=torch.cfloat).conj().resolve_conj()  # (channels, H, N2)
+        Lambda, P, B, _ = hippo_legs_nplr(N)  # (N2,) complex128 each
+        C = torch.randn(channels, H, N2, dtype=torch.cfloat).conj().resolve_conj()  # (c, H, N2)
 
         self.inv_dt = nn.Parameter(inv_dt)  # (H, 1)
         self.C = nn.Parameter(torch.view_as_real(C).contiguous())  # (channels, H, N2, 2)
-        self.B = nn.Parameter(torch.view_as_real(B.to(torch.cfloat)).expand(1, n_ssm, N2, 2).contiguous())
-        self.A_real = nn.Parameter(torch.log(-Lambda.real).float().expand(n_ssm, N2).contiguous())
-        self.A_imag = nn.Parameter((-Lambda.imag).float().expand(n_ssm, N2).contiguous())
-        self.P = nn.Parameter(torch.view_as_real(P.to(torch.cfloat)).expand(1, n_ssm, N2, 2).contiguous())
+        copies = lambda x: x.float().expand(n_ssm, *x.shape[1:]).contiguous()  # noqa: E731
+        self.B = nn.Parameter(copies(torch.view_as_real(B)[None]).unsqueeze(0))  # (1, n_ssm, N2, 2)
+        self.A_real = nn.Parameter(copies(torch.log(-Lambda.real)[None]))  # (n_ssm, N2)
+        self.A_imag = nn.Parameter(copies(-Lambda.imag[None]))  # (n_ssm, N2)
+        self.P = nn.Parameter(copies(torch.view_as_real(P)[None]).unsqueeze(0))  # (1, n_ssm, N2, 2)
         for name in SSM_PARAMETER_NAMES:
             getattr(self, name)._optim = dict(SSM_OPTIM)
         self.register_buffer("l_kernel", torch.tensor(0, dtype=torch.int64))
 
     # -- parameters ------------------------------------------------------------------------------
 
-    def ssm_params(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """dt (H,), Lambda (H, N2), B (H, N2), P (H, N2), C (channels, H, N2): complex, broadcast to H channels."""
-        cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))
-        dt = F.softplus(cast(self.inv_dt)).squeeze(-1)  # (H,)
-        Lambda = torch.complex(-torch.exp(cast(self.A_real)), -cast(self.A_imag))  # (n_ssm, N2)
-        B, P, C = _c(cast(self.B))[0], _c(cast(self.P))[0], _c(cast(self.C))  # (n_ssm, N2) x2, (c, H, N2)
+    def ssm_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """dt (H,) and complex Lambda, B, P (H, N2), C (channels, H, N2), broadcast to H channels."""
+        dt = F.softplus(self.inv_dt).squeeze(-1)  # (H,)
+        Lambda = torch.complex(-torch.exp(self.A_real), -self.A_imag)  # (n_ssm, N2)
+        B, P = _c(self.B)[0], _c(self.P)[0]  # (n_ssm, N2) each
         rep = self.H // self.n_ssm  # channel h uses SSM copy h % n_ssm
-        return dt, Lambda.repeat(rep, 1), B.repeat(rep, 1), P.repeat(rep, 1), C
+        return dt, Lambda.repeat(rep, 1), B.repeat(rep, 1), P.repeat(rep, 1), _c(self.C)
 
     def dense_A(self) -> Tensor:
         """Continuous A = diag(Lambda) - p p^* on the conjugate-extended state, (n_ssm, N, N) complex128."""
-        Lambda = torch.complex(-torch.exp(self.A_real.double()), -self.A_imag.double())  # (n_ssm, N2)
+        A_real, A_imag = self.A_real.double(), self.A_imag.double()
+        Lambda = torch.complex(-torch.exp(A_real), -A_imag)  # (n_ssm, N2)
         p = _conj_ext(_c(self.P.double())[0])  # (n_ssm, N)
         return torch.diag_embed(_conj_ext(Lambda)) - p.unsqueeze(-1) * p.conj().unsqueeze(-2)
 
@@ -261,8 +265,8 @@ class S4Kernel(nn.Module):
         sigma, V = torch.linalg.eig(A)  # (n_ssm, N), (n_ssm, N, N)
         cond = float(torch.linalg.cond(V).max())
         Vinv = torch.linalg.inv(V)
-        rep = self.H // self.n_ssm
-        sigma, V, Vinv = sigma.repeat(rep, 1), V.repeat(rep, 1, 1), Vinv.repeat(rep, 1, 1)  # per channel
+        rep = self.H // self.n_ssm  # per channel below
+        sigma, V, Vinv = sigma.repeat(rep, 1), V.repeat(rep, 1, 1), Vinv.repeat(rep, 1, 1)
         dt = F.softplus(self.inv_dt.double())  # (H, 1)
         half = 1 - dt * sigma / 2  # (H, N)
         lam = (1 + dt * sigma / 2) / half  # (H, N)
@@ -302,12 +306,18 @@ class S4Block(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.d_model, self.d_state, self.glu, self.bidirectional = d_model, d_state, glu, bidirectional
-        H = d_model
+        H = self.d_model = d_model
+        self.d_state, self.glu, self.bidirectional = d_state, glu, bidirectional
         # Creation order as in the official FFTConv/S4Block (D, kernel, output linear): same RNG draws.
         self.D = nn.Parameter(torch.randn(1, H))  # (1, H)
         self.kernel = S4Kernel(
-            H, N=d_state, channels=2 if bidirectional else 1, n_ssm=n_ssm, dt_min=dt_min, dt_max=dt_max, backend=backend
+            H,
+            N=d_state,
+            channels=2 if bidirectional else 1,
+            n_ssm=n_ssm,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            backend=backend,
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Linear(H, 2 * H if glu else H)
@@ -357,35 +367,62 @@ class S4Block(nn.Module):
             lam, c, cond = self.kernel.modal_system()  # (H, N), (1, H, N)
             if mode == "modal" or cond < _MAX_MODAL_COND:
                 # An extra mode with pole 0 and weight D carries the skip term: its state is just u_t.
-                self._lam = F.pad(lam, (0, 1))  # (H, N+1) complex128
-                self._c = torch.cat([c[0], D.to(c.dtype).unsqueeze(-1)], dim=-1).conj()  # (H, N+1), conjugated for vecdot
+                lam = F.pad(lam, (0, 1))  # (H, M = N+1) complex128
+                c = torch.cat([c[0], D.to(c.dtype).unsqueeze(-1)], dim=-1)  # (H, M)
+                self._lam, self._c_conj = lam, c.conj()  # complex form (eager)
+                # Real form (for torch.compile): lambda-bar and c-hat split into real/imag parts.
+                self._lam_r, self._lam_i, self._c_r, self._c_i = lam.real, lam.imag, c.real, c.imag
                 self._step_mode = "modal"
                 return
-            warnings.warn(f"S4 step: eigenvector condition number {cond:.1e} too large for the modal step; using dense")
+            msg = (
+                f"S4 step: eigenvectors too ill-conditioned (cond {cond:.1e}); using the dense step"
+            )
+            warnings.warn(msg, stacklevel=2)
         dA, dB, C = self.kernel.step_system()
         self._dA, self._dB, self._dC, self._D = dA, dB, C[0], D  # (H, N, N), (H, N), (H, N), (H,)
         self._step_mode = "dense"
 
     def default_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
-        """Zero recurrent state: (batch, H, N+1) complex128 (modal) or (batch, H, N) (dense)."""
+        """Zero recurrent state, float64 real view of complex modes: (batch, H, N+1, 2) modal, (batch, H, N, 2) dense."""
         if self._step_mode is None:
             self.setup_step()
         size = self._lam.shape[-1] if self._step_mode == "modal" else self.d_state
         device = self.D.device if device is None else device
-        return torch.zeros(batch, self.d_model, size, dtype=torch.complex128, device=device)
+        return torch.zeros(batch, self.d_model, size, 2, dtype=torch.float64, device=device)
 
     def step(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One time step: u (B, H) -> y (B, H); state from :meth:`default_state` or a previous step."""
-        u64 = u.to(torch.float64).unsqueeze(-1)  # (B, H, 1)
         if self._step_mode == "modal":
-            state = torch.addcmul(u64, self._lam, state)  # s_t = lambda-bar s_{t-1} + u_t, (B, H, N+1)
-            y = torch.linalg.vecdot(self._c, state).real  # Re(c-hat . s_t) + D u_t, (B, H)
+            if torch.compiler.is_compiling():
+                y, state = self._step_modal_real(u, state)
+            else:
+                y, state = self._step_modal_complex(u, state)
         elif self._step_mode == "dense":
-            state = torch.einsum("hmn,bhn->bhm", self._dA, state) + self._dB * u64  # (B, H, N)
-            y = torch.einsum("hn,bhn->bh", self._dC, state).real + self._D * u64[..., 0]  # (B, H)
+            s = torch.view_as_complex(state)  # (B, H, N)
+            bu = self._dB * u.to(torch.float64).unsqueeze(-1)  # (B, H, N)
+            s = torch.einsum("hmn,bhn->bhm", self._dA, s) + bu  # (B, H, N)
+            y = torch.einsum("hn,bhn->bh", self._dC, s).real + self._D * u  # (B, H)
+            state = torch.view_as_real(s)
         else:
             raise RuntimeError("call setup_step() before step()")
         return self._head(y.to(u.dtype)), state
+
+    def _step_modal_complex(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Eager modal step in as few kernel launches as possible (batch-1 cost is dispatch, not FLOPs)."""
+        u_c = u.to(torch.complex128).unsqueeze(-1)  # (B, H, 1)
+        # s_t = lambda-bar s_{t-1} + u_t
+        s = torch.addcmul(u_c, self._lam, torch.view_as_complex(state))  # (B, H, M)
+        y = torch.linalg.vecdot(self._c_conj, s).real  # Re(c-hat . s_t), includes D u_t, (B, H)
+        return y, torch.view_as_real(s)
+
+    def _step_modal_real(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The same step in real arithmetic, which Inductor fuses into one kernel under torch.compile."""
+        u = u.to(torch.float64).unsqueeze(-1)  # (B, H, 1)
+        sr, si = state[..., 0], state[..., 1]  # (B, H, M)
+        nr = self._lam_r * sr - self._lam_i * si + u
+        ni = self._lam_i * sr + self._lam_r * si
+        y = (self._c_r * nr - self._c_i * ni).sum(-1)  # (B, H)
+        return y, torch.stack([nr, ni], dim=-1)
 
     # -- official checkpoints --------------------------------------------------------------------
 
@@ -432,9 +469,40 @@ def convert_v3_kernel_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def convert_v3_s4_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Convert a whole "S4 v3" S4 module state dict (D, kernel.kernel.*, output_linear.0.*) to S4Block keys."""
     out = {"D": sd["D"]}
-    out.update({"kernel." + k: v for k, v in convert_v3_kernel_state(
-        {k: v for k, v in sd.items() if k.startswith("kernel.")}).items()})
+    out.update(
+        {
+            "kernel." + k: v
+            for k, v in convert_v3_kernel_state(
+                {k: v for k, v in sd.items() if k.startswith("kernel.")}
+            ).items()
+        }
+    )
     for name in ("weight", "bias"):
         v = sd[f"output_linear.0.{name}"]
-        out[f"output_linear.{name}"] = v.reshape(v.shape[0], -1) if name == "weight" else v.reshape(-1)
+        out[f"output_linear.{name}"] = (
+            v.reshape(v.shape[0], -1) if name == "weight" else v.reshape(-1)
+        )
     return out
+
+
+def benchmark_step(
+    H: int = 64,
+    batch: int = 1,
+    steps: int = 2000,
+    mode: str = "auto",
+    compiled: bool = False,
+    glu: bool = False,
+) -> dict:
+    """Seconds per recurrent step of one S4Block (eval, inference mode); optionally torch.compile'd."""
+    blk = S4Block(H, glu=glu).eval()
+    blk.setup_step(mode)
+    step = torch.compile(blk.step, fullgraph=True) if compiled else blk.step
+    state, u = blk.default_state(batch), torch.randn(batch, H)
+    with torch.inference_mode():
+        for _ in range(max(10, steps // 20)):  # warm-up (and compilation)
+            y, state = step(u, state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            y, state = step(u, state)
+        seconds = (time.perf_counter() - t0) / steps
+    return {"H": H, "batch": batch, "mode": blk._step_mode, "compiled": compiled, "step_s": seconds}

@@ -1,0 +1,122 @@
+"""Evaluation: test NLL equals a direct computation (whole clips and music chunks), metrics.json
+is merged, diffusion NLL is skipped, SC09 metrics and the real-data rows, missing checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_train import REAL, cli, setup_workdir, tiny_run, write_params
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    return setup_workdir(tmp_path, monkeypatch)
+
+
+def _direct_nll_bits(model, prepared, split, chunk_length, quantization="mu-law") -> tuple[float, int]:
+    """Clip by clip (or chunk by chunk), no batching, no padding: sum of nats / count / ln 2."""
+    from sashimi.data.quantize import encode
+
+    audio = np.load(prepared / f"{split}.audio.npy")
+    offsets = np.load(prepared / f"{split}.offsets.npy")
+    total, count = 0.0, 0
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        clip = torch.from_numpy(audio[a:b])
+        pieces = [clip] if chunk_length is None else [
+            clip[s:s + chunk_length] for s in range(0, len(clip) - chunk_length + 1, chunk_length)]
+        for piece in pieces:
+            q = encode(piece, quantization).long()  # (L,)
+            x = torch.cat([torch.full((model.context + 1,), 128), q[:-1]])  # (context + L,)
+            with torch.no_grad():
+                logits = model(x[None])[0].double()  # (L, 256)
+            total += float(F.cross_entropy(logits, q, reduction="sum"))
+            count += len(q)
+    return total / count / math.log(2), count
+
+
+@pytest.mark.parametrize("chunk_length", [None, 128])
+def test_nll_equals_direct_computation(workdir, chunk_length):
+    from sashimi.train import load_model
+
+    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "chunk_length": chunk_length}}
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 3, "batch_size": 3})}, ds)
+    assert cli("train", "--run", "tiny") == 0
+    out = workdir / "results/runs/tiny/metrics.json"
+    out.write_text(json.dumps({"fid": 1.5}))  # other keys survive
+    assert cli("evaluate", "--run", "tiny", "--batch-size", "2") == 0
+    m = json.loads(out.read_text())
+    model, ckpt = load_model(workdir / "results/runs/tiny")
+    bits, n = _direct_nll_bits(model, workdir / "data/prepared/tiny", "test", chunk_length)
+    assert m["nll_bits"] == pytest.approx(bits, rel=1e-6)
+    assert m["n_tokens"] == n and m["fid"] == 1.5
+    assert m["nll_step"] == ckpt["step"] and m["nll_checkpoint"].endswith("best.pt")
+    assert m["params"] == sum(p.numel() for p in model.parameters())
+    # a chosen checkpoint and split
+    assert cli("evaluate", "--run", "tiny", "--checkpoint", "results/runs/tiny/checkpoints/last.pt",
+               "--split", "validation") == 0
+    m = json.loads(out.read_text())
+    assert m["nll_split"] == "validation" and m["nll_checkpoint"].endswith("last.pt")
+
+
+def test_missing_checkpoint_names_the_path(workdir, capsys):
+    write_params(workdir, {"tiny": tiny_run()})
+    assert cli("evaluate", "--run", "tiny") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "results/runs/tiny" in err and len(err.splitlines()) == 1
+    assert cli("evaluate", "--run", "tiny", "--checkpoint", "nowhere/best.pt") == 2
+    assert "nowhere/best.pt: checkpoint not found" in capsys.readouterr().err
+    assert cli("evaluate", "--run", "tiny", "--metrics", "fad") == 2
+    assert "unknown metric 'fad'" in capsys.readouterr().err
+
+
+def test_diffusion_nll_is_skipped(workdir):
+    from sashimi.models import MODELS
+
+    try:
+        MODELS["diffwave"]
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"diffwave not importable ({e})")
+    kind, model, train = REAL["diffwave"]
+    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}}
+    write_params(workdir, {"dw": {"kind": kind, "dataset": "tiny", "model": model,
+                                  "train": dict({"max_steps": 1}, **train)}}, ds)
+    assert cli("train", "--run", "dw") == 0
+    assert cli("evaluate", "--run", "dw") == 0
+    m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
+    assert "nll_bits" not in m and "not defined" in m["nll_note"] and m["params"] > 0
+
+
+def _tiny_classifier(path):
+    from sashimi.classifier import DigitClassifier
+
+    clf = DigitClassifier(width=0.0625, depth=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": clf.state_dict(), "model_name": "resnext", "model_kwargs": clf.config}, path)
+
+
+def test_sc09_metrics_and_real_rows(workdir):
+    try:
+        import sashimi.classifier  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"sashimi.classifier not importable ({e})")
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    _tiny_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")
+    assert cli("train", "--run", "tiny") == 0
+    assert cli("sample", "--run", "tiny", "--n", "16", "--seconds", "0.01", "--batch-size", "8") == 0
+    assert cli("evaluate", "--run", "tiny", "--metrics", "nll,sc09") == 0
+    m = json.loads((workdir / "results/runs/tiny/metrics.json").read_text())
+    for k in ("nll_bits", "fid", "is", "is_textbook", "mis", "am"):
+        assert math.isfinite(m[k]), k
+    # 16 clips -> held-out half of 8 -> drop the bottom 3 (40%) and top 0 (5%) by likelihood
+    assert m["n_generated"] == 16 and m["n_scored"] == 5
+    assert m["sc09_reference"] == "data/prepared/tiny"
+
+    assert cli("evaluate", "--real", "tiny", "--split", "test") == 0
+    r = json.loads((workdir / "results/runs/real-test/metrics.json").read_text())
+    assert r["n_scored"] == 5 and math.isfinite(r["fid"]) and r["split"] == "test"

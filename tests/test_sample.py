@@ -1,0 +1,180 @@
+"""Generation: exact log-likelihoods, nucleus sampling, valid 16 kHz wavs + loglik.csv,
+resumable batches, the run's own quantiser, prefix continuation, diffusion samplers."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from sashimi.errors import UserError
+from test_train import REAL, TinyAR, cli, setup_workdir, tiny_run, write_params
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    return setup_workdir(tmp_path, monkeypatch)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_top_p_filter():
+    from sashimi.sample import top_p_filter
+
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    q = top_p_filter(p, 0.7)
+    torch.testing.assert_close(q, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
+    assert torch.equal(top_p_filter(p, 0.5)[0], torch.tensor([1.0, 0, 0, 0]))
+    assert torch.equal(top_p_filter(p, 1.0), p)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_loglik_is_the_models_own_likelihood(temperature, top_p):
+    """loglik = sum log p_model(y_t | y_<t) at temperature 1, recomputed by a forward pass."""
+    from sashimi.sample import generate_ar
+
+    model = TinyAR(d_model=8).eval()
+    prefix = torch.tensor([128, 140, 150, 131, 90])
+    g = torch.Generator().manual_seed(3)
+    tokens, loglik = generate_ar(model, 3, 40, temperature=temperature, top_p=top_p, prefix=prefix,
+                                 generator=g)
+    assert tokens.shape == (3, 40) and (tokens[:, :5] == prefix).all()
+    x = torch.cat([torch.full((3, model.context + 1), 128), tokens[:, :-1]], 1)  # (3, context + 40)
+    with torch.no_grad():
+        logp = F.log_softmax(model(x).double(), -1).gather(2, tokens[:, :, None])[:, :, 0]  # (3, 40)
+    torch.testing.assert_close(loglik, logp[:, 5:].sum(1), rtol=1e-5, atol=1e-4)
+    # seeded: the same generator state gives the same clips
+    tokens2, _ = generate_ar(model, 3, 40, temperature=temperature, top_p=top_p, prefix=prefix,
+                             generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tokens, tokens2)
+
+
+def test_sample_writes_wavs_and_csv_and_resumes(workdir, capsys):
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    assert cli("train", "--run", "tiny") == 0
+    argv = ["sample", "--run", "tiny", "--n", "5", "--seconds", "0.01", "--batch-size", "2"]
+    assert cli(*argv) == 0
+    out = workdir / "results/runs/tiny/samples"
+    wavs = sorted(out.glob("*.wav"))
+    assert [w.name for w in wavs] == [f"{i:05d}.wav" for i in range(5)]
+    for w in wavs:
+        info = sf.info(str(w))
+        assert info.samplerate == 16000 and info.frames == 160 and info.channels == 1
+        assert info.subtype == "PCM_16"
+    rows = _rows(out / "loglik.csv")
+    assert [r["name"] for r in rows] == [w.name for w in wavs]
+    for r in rows:
+        ll, bits = float(r["loglik_nats"]), float(r["bits_per_sample"])
+        assert ll < 0 and bits == pytest.approx(-ll / (160 * math.log(2)), rel=1e-5)
+
+    # resume: a lost clip regenerates its batch identically; other batches are skipped
+    before = {w.name: w.read_bytes() for w in wavs}
+    mtimes = {w.name: w.stat().st_mtime_ns for w in wavs}
+    (out / "00003.wav").unlink()
+    capsys.readouterr()
+    assert cli(*argv) == 0
+    assert '"generated_batches": 1' in capsys.readouterr().out
+    for w in sorted(out.glob("*.wav")):
+        assert w.read_bytes() == before[w.name]
+        if w.name not in ("00002.wav", "00003.wav"):
+            assert w.stat().st_mtime_ns == mtimes[w.name]
+    assert _rows(out / "loglik.csv") == rows
+    # more clips extend the folder; other settings are refused
+    assert cli(*argv[:3], "--n", "6", *argv[5:]) == 0
+    assert len(list(out.glob("*.wav"))) == 6
+    with pytest.raises(UserError, match=r"temperature=1\.0, now temperature=0\.5"):
+        from sashimi.config import load_params
+        from sashimi.sample import sample_run
+
+        P = load_params("params.yaml")
+        sample_run(P, P.run("tiny"), n=5, seconds=0.01, batch_size=2, temperature=0.5, top_p=1.0,
+                   checkpoint=None, out=None, progress=False)
+
+
+def test_decoding_uses_the_runs_quantiser(workdir):
+    """Same checkpoint and seed under a linear and a mu-law dataset: same tokens, each decoded
+    with its own quantiser (Beethoven is linear)."""
+    from sashimi.data.quantize import mu_law_decode
+
+    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law"},
+          "lin": {"format": "folder", "download": None, "quantization": "linear"}}
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}), "lin": tiny_run(dataset="lin")}, ds)
+    assert cli("train", "--run", "tiny") == 0
+    ck = str(workdir / "results/runs/tiny/checkpoints/last.pt")
+    for key in ("tiny", "lin"):
+        assert cli("sample", "--run", key, "--n", "2", "--seconds", "0.02", "--checkpoint", ck,
+                   "--out", f"s-{key}") == 0
+    lin, _ = sf.read(workdir / "s-lin/00000.wav", dtype="float64")
+    mu, _ = sf.read(workdir / "s-tiny/00000.wav", dtype="float64")
+    q = np.rint((lin + 1) * 128).astype(np.int64)  # linear: x = q / 128 - 1, exact within PCM-16
+    np.testing.assert_allclose(lin, q / 128 - 1, atol=1e-4)
+    np.testing.assert_allclose(mu, mu_law_decode(torch.from_numpy(q)).numpy(), atol=1e-4)
+    assert np.abs(mu - lin).max() > 1e-2  # the two decodings really differ
+
+
+def test_prefix_continuation(workdir):
+    from sashimi.data.quantize import decode, encode
+
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    assert cli("train", "--run", "tiny") == 0
+    t = np.arange(800) / 8000
+    prefix = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    sf.write(workdir / "prefix.wav", prefix, 8000)  # 8 kHz: resampled to 16 kHz
+    assert cli("sample", "--run", "tiny", "--n", "3", "--seconds", "0.03", "--prefix", "prefix.wav",
+               "--prefix-seconds", "0.01", "--out", "cont") == 0
+    import torchaudio
+
+    p16 = torchaudio.functional.resample(torch.from_numpy(prefix), 8000, 16000)[:160]
+    expect = decode(encode(p16, "mu-law"), "mu-law").numpy()
+    for i in range(3):
+        x, sr = sf.read(workdir / f"cont/{i:05d}.wav", dtype="float32")
+        assert sr == 16000 and len(x) == 480
+        np.testing.assert_allclose(x[:160], expect, atol=1e-4)
+    rows = _rows(workdir / "cont/loglik.csv")
+    r = rows[0]
+    assert float(r["bits_per_sample"]) == pytest.approx(-float(r["loglik_nats"]) / (320 * math.log(2)), rel=1e-5)
+    with pytest.raises(UserError, match="prefix must be shorter"):
+        from sashimi.config import load_params
+        from sashimi.sample import sample_run
+
+        P = load_params("params.yaml")
+        sample_run(P, P.run("tiny"), n=1, seconds=0.01, batch_size=1, temperature=1.0, top_p=1.0,
+                   checkpoint=None, out="x", prefix="prefix.wav", prefix_seconds=0.05, progress=False)
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_models_sample(workdir, name):
+    """Each real model: a few training steps, then clips through its step mode (AR, longer than
+    the 256-sample training clips) or its fast sampler (diffusion)."""
+    from sashimi.models import MODELS
+
+    try:
+        MODELS[name]
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"model {name} not importable yet ({e})")
+    kind, model, train = REAL[name]
+    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}}
+    write_params(workdir, {name: {"kind": kind, "dataset": "tiny", "model": model,
+                                  "train": dict({"max_steps": 2}, **train),
+                                  "sample": {"sampler": "fast", "fast_steps": 4}}}, ds)
+    assert cli("train", "--run", name) == 0
+    assert cli("sample", "--run", name, "--n", "2", "--seconds", "0.04", "--batch-size", "2") == 0
+    out = workdir / "results/runs" / name / "samples"
+    rows = _rows(out / "loglik.csv")
+    assert len(rows) == 2
+    for r in rows:
+        x, sr = sf.read(out / r["name"], dtype="float32")
+        assert sr == 16000 and len(x) == 640 and np.isfinite(x).all() and np.abs(x).max() <= 1
+        if kind == "ar":
+            assert float(r["loglik_nats"]) < 0
+        else:
+            assert r["loglik_nats"] == "" and r["bits_per_sample"] == ""
+

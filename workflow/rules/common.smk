@@ -1,0 +1,56 @@
+# Shared helpers: the run groups and the stable, resolved configuration each job depends on.
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from sashimi.report import table_paths
+
+TABLE_FILES = [str(p) for p in table_paths("results")]
+RUNS = list(P.runs)
+CLASSIFIERS = [k for k, r in P.runs.items() if r.kind == "classifier"]
+GENERATIVE = [k for k, r in P.runs.items() if r.kind != "classifier"]
+# SC09 runs are scored by the digit classifier too (FID, IS, mIS, AM); diffusion runs have no NLL.
+SC09_RUNS = [k for k in GENERATIVE if P.runs[k].dataset == "sc09"]
+REAL_SPLITS = ["train", "test"] if SC09_RUNS and CLASSIFIERS else []
+SRC = "src/sashimi"
+
+
+def stable(obj) -> str:
+    """A canonical JSON string: Snakemake's params trigger compares it between runs."""
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def one_of(keys) -> str:
+    """Wildcard constraint: exactly one of `keys`."""
+    return "|".join(re.escape(k) for k in keys) or "^$"
+
+
+def metrics_of(run_key: str) -> str:
+    run = P.runs[run_key]
+    if run.dataset == "sc09":
+        return "nll,sc09" if run.kind == "ar" else "sc09"
+    return "nll"
+
+
+def run_dataset(wc) -> str:
+    return P.runs[wc.run].dataset
+
+
+def classifier_done(wc=None) -> list[str]:
+    return [f"results/runs/{k}/train.done" for k in CLASSIFIERS[:1]]
+
+
+def code(*paths: str) -> list[str]:
+    """Source files a job depends on: `models` -> every src/sashimi/models/*.py. dvc.yaml lists
+    the same folders as deps (hashed by content; .dvcignore drops __pycache__)."""
+    out = []
+    for p in paths:
+        full = Path(SRC) / p
+        out += sorted(str(f) for f in full.glob("*.py")) if full.is_dir() else [str(full)]
+    return out
+
+
+wildcard_constraints:
+    run=one_of(RUNS),
+    dataset=one_of(P.datasets),

@@ -1,0 +1,20 @@
+# The report: tables (Markdown, CSV, LaTeX), figures, audio clips and report.html.
+
+
+rule report:
+    input:
+        expand("results/runs/{run}/metrics.json", run=GENERATIVE),
+        expand("results/runs/real-{split}/metrics.json", split=REAL_SPLITS),
+        expand("results/runs/{run}/train.done", run=CLASSIFIERS),
+        code("report.py", "reference/paper_results.yaml"),
+    output:
+        TABLE_FILES,
+        "results/report.html",
+    params:
+        layout=stable({"scale": P.scale, "rows": {k: [r.table, r.label] for k, r in P.runs.items()}}),
+    log:
+        "results/logs/report/report.log",
+    benchmark:
+        "results/logs/report/report.benchmark.tsv",
+    shell:
+        "sashimi report > {log} 2>&1"

@@ -1,0 +1,31 @@
+# Training: one job per run (the digit classifier included: `sashimi train` hands
+# classifier runs to `sashimi classifier train`).
+#
+# The output is a marker Snakemake touches when the command succeeds, not a checkpoint: the
+# trainer resumes from checkpoints/last.pt, so a killed job (rerun with --rerun-incomplete)
+# continues where it stopped instead of Snakemake deleting the checkpoints first.
+
+
+def train_config(wc) -> str:
+    run = P.runs[wc.run]
+    return stable({"scale": P.scale, "kind": run.kind, "dataset": run.dataset, "model": run.model_name,
+                   "kwargs": run.model, "train": dataclasses.asdict(run.train)})
+
+
+rule train:
+    input:
+        lambda wc: f"data/prepared/{run_dataset(wc)}/manifest.json",
+        code("train.py", "classifier.py", "models", "ssm", "data/datasets.py", "data/quantize.py"),
+    output:
+        touch("results/runs/{run}/train.done"),
+    params:
+        config=train_config,
+    threads: THREADS
+    resources:
+        gpu=GPU,
+    log:
+        "results/logs/train/{run}.log",
+    benchmark:
+        "results/logs/train/{run}.benchmark.tsv",
+    shell:
+        "sashimi train --run {wildcards.run} > {log} 2>&1"
