@@ -119,6 +119,8 @@ def _to_v2(sd: dict) -> dict:
         if k.endswith(".layer.layer.D"):
             out[k.replace(".layer.layer.D", ".layer.D")] = v
             continue
+        if k.startswith("model.") and k.endswith(".bias") and ".norm." not in k:
+            v = v[:, None]  # v2 TransposedLinear keeps its bias as (d_out, 1)
         out[k] = v
     return out
 

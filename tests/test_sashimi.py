@@ -27,8 +27,8 @@ def _tiny(**kw) -> SaShiMi:
     return SaShiMi(**args).eval()
 
 
-def _step_all(model: SaShiMi, x: torch.Tensor) -> torch.Tensor:
-    model.setup_step()
+def _step_all(model: SaShiMi, x: torch.Tensor, **setup) -> torch.Tensor:
+    model.setup_step(**setup)
     state = model.default_state(x.shape[0])
     out = []
     for t in range(x.shape[1]):
@@ -184,14 +184,29 @@ def test_step_matches_conv_long_float32():
     assert err < 1e-3, err
 
 
-@pytest.mark.parametrize("kw", [dict(unet=True), dict(pool=(2, 4, 2), expand=1, ff=0)])
-def test_step_matches_conv_variants_float64(kw):
+@pytest.mark.parametrize("kw", [dict(unet=True), dict(pool=(2, 4, 2), expand=1, ff=0), dict(glu=True, n_layers=2)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_step_matches_conv_variants_float64(kw, fast):
     torch.manual_seed(3)
     m = _tiny(**kw).double()
     x = torch.randint(0, 256, (2, 64))
     with torch.no_grad():
         conv = m(x)
-    torch.testing.assert_close(_step_all(m, x), conv, atol=1e-6, rtol=1e-6)  # float64 modal step: ~1e-7
+    torch.testing.assert_close(_step_all(m, x, fast=fast), conv, atol=1e-6, rtol=1e-6)  # modal step: ~1e-7
+
+
+def test_fused_step_matches_block_by_block_step_and_dense_oracle():
+    """The fused fast path == each block's own S4Block.step (modal) == the exact dense step."""
+    torch.manual_seed(5)
+    m = _tiny(d_model=16, n_layers=2, glu=True)
+    x = torch.randint(0, 256, (3, 96))
+    fast = _step_all(m, x)
+    assert any(c.fused for c in m._stepper.up_chains)
+    generic = _step_all(m, x, fast=False)
+    assert not any(c.fused for c in m._stepper.up_chains)
+    dense = _step_all(m, x, s4_mode="dense")
+    assert (fast - generic).abs().max() < 1e-5
+    assert (fast - dense).abs().max() < 1e-4
 
 
 def test_step_requires_setup_and_state_is_fresh_after_dtype_change():

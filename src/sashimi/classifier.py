@@ -290,7 +290,7 @@ class LabelledWaves(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         i = int(self.indices[k])
-        x = self.source.clip(i) if hasattr(self.source, "clip") else self.source[i]
+        x = self.source[i] if isinstance(self.source, np.ndarray) else self.source.clip(i)
         x = fix_length(torch.as_tensor(np.asarray(x, dtype=np.float32)), self.length)  # (length,)
         return x, int(self.labels[i])
 

@@ -14,8 +14,8 @@ Key layouts understood:
   log_dt (H) becomes inv_dt (H, 1) = log(exp(dt) - 1) with dt = exp(log_dt) (softplus
   inverse), inv_w_real / log_w_real becomes A_real (Re Lambda = -exp(.) either way), and
   w_imag becomes A_imag with its sign flipped (v4 stores Im Lambda = -A_imag).
-Conv-style weights with a trailing kernel dim of 1 (Conv1d / legacy TransposedLinear)
-are squeezed. Every key must be consumed: anything left over, or any parameter of our
+Conv-style weights with a trailing kernel dim of 1 (Conv1d) and (d_out, 1) biases (v2
+TransposedLinear) are squeezed. Every key must be consumed: anything left over, or any parameter of our
 model left unset, is an error naming the keys.
 """
 
@@ -98,6 +98,8 @@ def convert_state_dict(sd: Mapping[str, Tensor], src: str = "state dict") -> tup
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for k, v in sd.items():
+        if k.endswith(".bias") and v.dim() == 2 and v.shape[1] == 1:
+            v = v.reshape(-1)  # v2 TransposedLinear bias (d_out, 1)
         new = _convert_key(k, v)
         if new is None:
             unknown.append(k)

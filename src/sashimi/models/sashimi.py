@@ -392,8 +392,9 @@ class _FusedChain:
 
     Every S4 layer steps in its diagonalised float64 form from `S4Kernel.modal_system()`
     (poles lambda-bar and output weights c-hat, per channel), written in real arithmetic so
-    torch.compile can fuse it: with s = s_r + i s_i and lambda-bar = a + i b,
-        s_r <- a s_r - b s_i + u,   s_i <- a s_i + b s_r,   y = sum_m (c_r s_r - c_i s_i) + D u,
+    torch.compile can fuse it: with s = s_r + i s_i, lambda-bar = a + i b, g = c-hat lambda-bar,
+        y = sum_m (g_r s_r - g_i s_i) + (D + Re sum_m c-hat_m) u,   (= Re(c-hat . s_new) + D u)
+        s_r <- a s_r - b s_i + u,   s_i <- a s_i + b s_r,
     then GELU -> output linear (-> GLU) as in S4Block. The state of all S4 layers of the chain
     is one float64 tensor (n_s4, 2, B, H, M). Built only when every S4 layer is well
     conditioned for the modal form; otherwise the chain stays generic.
@@ -416,10 +417,11 @@ class _FusedChain:
                         raise _NotFusable(f"S4 eigenvector condition number {cond:.1e}")
                     kinds.append("s4")
                     glu = layer.glu
-                    l, c = _half_spectrum(l, c[0])  # (H, M), M = N/2 when the modes pair up
                     lam.append(torch.view_as_real(l).permute(2, 0, 1))  # (2, H, M): a, b
-                    chat.append(torch.view_as_real(c).permute(2, 0, 1))  # (2, H, M): c_r, c_i
-                    D.append(layer.D.double()[0])  # (H,)
+                    # y_t = Re(c . (lam s_{t-1} + u_t)) + D u_t = Re((c lam) . s_{t-1}) + (D + Re sum c) u_t:
+                    # the output reads the OLD state, so update and output are one pass over it
+                    chat.append(torch.view_as_real(c[0] * l).permute(2, 0, 1))  # (2, H, M): g_r, g_i
+                    D.append(layer.D.double()[0] + c[0].real.sum(-1))  # (H,)
                     Wo.append(layer.output_linear.weight)
                     bo.append(layer.output_linear.bias)
                 elif isinstance(layer, FFBlock):
@@ -454,24 +456,6 @@ class _NotFusable(Exception):
 _MAX_MODAL_COND = 1e10  # as S4Block: above this the float64 modal step loses accuracy
 
 
-def _half_spectrum(lam: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """Keep one mode of each conjugate pair, with its output weight doubled.
-
-    The conjugate-extended S4 system is real (A, B, C commute with swap-and-conjugate), so its
-    modes come in conjugate pairs whose contributions to y = Re(sum c s) are conjugates:
-    y = sum over modes with Im(lambda-bar) > 0 of 2 Re(c s). Falls back to all modes (returned
-    unchanged) if some channel has a (numerically) real pole or the halves do not match.
-    """
-    H, N = lam.shape
-    order = torch.argsort(lam.imag, dim=-1, descending=True)  # (H, N)
-    lam_s, c_s = lam.gather(-1, order), c.gather(-1, order)
-    top, bottom = lam_s[:, : N // 2], lam_s[:, N // 2 :].flip(-1)  # bottom reversed: partners
-    scale = lam.abs().amax().clamp_min(1e-300)
-    if N % 2 or top.imag.amin() <= 1e-9 * scale or (top - bottom.conj()).abs().amax() > 1e-9 * scale:
-        return lam, c
-    return top.contiguous(), 2 * c_s[:, : N // 2].contiguous()
-
-
 def _fused_chain_step(x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu: bool) -> tuple[Tensor, Tensor]:
     """x (B, H), state (n_s4, 2, B, H, M) float64 -> (x, new state). See _FusedChain."""
     norm_m, norm_s, lam, chat, D, Wo, bo, W1, b1, W2, b2 = params
@@ -484,9 +468,8 @@ def _fused_chain_step(x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu
             u = z.to(torch.float64)  # (B, H)
             sr, si = state[j, 0], state[j, 1]  # (B, H, M)
             a, b = lam[j, 0], lam[j, 1]  # (H, M)
-            sr, si = a * sr - b * si + u.unsqueeze(-1), a * si + b * sr
             y = (chat[j, 0] * sr - chat[j, 1] * si).sum(-1) + D[j] * u  # (B, H)
-            new.append(torch.stack([sr, si]))
+            new.append(torch.stack([a * sr - b * si + u.unsqueeze(-1), a * si + b * sr]))
             h = F.linear(F.gelu(y.to(x.dtype)), Wo[j], bo[j])  # (B, H or 2H)
             if glu:
                 h = F.glu(h, dim=-1)
