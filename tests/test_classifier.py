@@ -415,9 +415,16 @@ def _fsdd(shared_data_dir):
 
 @pytest.mark.slow
 def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
-    """Real held-out spoken digits (FSDD takes 0-4) vs a train reference (takes 5-49): a
-    classifier trained for ~20 s already orders held-out < noise in FID and > in IS."""
+    """Real held-out spoken digits (FSDD takes 0-4) against a train reference (takes 5-49): a
+    tiny classifier trained for ~20 s already ranks held-out clips above Gaussian noise and
+    silence: smaller FID, larger textbook IS and mIS.
+
+    The paper IS is not asserted against noise: a classifier that puts every noise clip in one
+    class with probability 1 - 1e-12 leaves the other columns' tiny probabilities spread over
+    many orders of magnitude, and the per-column KL then inflates the paper IS (seen: 7.98 for
+    noise vs 5.01 for held-out clips with the FSDD classifier of the report, textbook 1.00)."""
     files, take, labels = _fsdd(shared_data_dir)
+    t0 = time.time()
     tr = np.flatnonzero(take >= 5)[::3]  # every third train clip keeps this fast
     te = np.flatnonzero(take < 5)
     xtr, xte = C.read_clips([files[i] for i in tr]), C.read_clips([files[i] for i in te])
@@ -432,20 +439,26 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
         max_minutes=0.33,
         batch_size=32,
         lr=0.05,
+        augment=False,
+        precise_bn_batches=4,
         device="cpu",
         log=None,
         **TINY,
     )
+    rng = np.random.default_rng(0)
     held = C.score_samples(xte, model, ref, autoregressive=False)
     noise = C.score_samples(
-        np.random.default_rng(0).normal(size=xte.shape).astype(np.float32) * 0.1,
-        model,
-        ref,
-        autoregressive=False,
+        rng.normal(size=xte.shape).astype(np.float32) * 0.1, model, ref, autoregressive=False
     )
     silence = C.score_samples(np.zeros_like(xte), model, ref, autoregressive=False)
     assert held["fid"] < noise["fid"] and held["fid"] < silence["fid"]
-    assert held["is"] > noise["is"] and held["is"] > silence["is"]
+    assert (
+        held["is_textbook"] > noise["is_textbook"] and held["is_textbook"] > silence["is_textbook"]
+    )
+    assert held["mis"] > noise["mis"] and held["mis"] > silence["mis"]
+    assert held["is"] > silence["is"] == pytest.approx(1.0)
+    assert held["am"] < noise["am"] and held["am"] < silence["am"]
+    assert time.time() - t0 < 60
 
 
 def test_recalibrate_bn_is_the_plain_average():

@@ -14,11 +14,11 @@ their conjugates, and the rank-1 term is removed with Woodbury:
 
 followed by an inverse real FFT of length L.
 
-Two ways to evaluate it live here:
+Three ways to evaluate it live here:
 
 * ``naive`` (:func:`cauchy_naive`): the official algorithm, literally. The
   (..., N, L/2+1) complex Cauchy tensor is materialised, the nodes z are built
-  from complex powers of omega. Slow and memory hungry (5.8 GB forward+backward
+  from complex powers of omega. Slow and memory hungry (5.3 GB forward+backward
   for H=64, L=16000) but obviously correct: the TEST ORACLE.
 * ``torch`` (:func:`cauchy_dplr`): the same sums in real arithmetic without
   ever materialising the Cauchy tensor. The nodes are purely imaginary,
@@ -35,7 +35,8 @@ Two ways to evaluate it live here:
   runs eagerly in chunks over the frequencies, each chunk checkpointed so the
   backward is chunked as well. Either way memory is O(H L), not O(H N L).
 * ``keops``: the real-arithmetic sums as a pykeops reduction (optional import;
-  mostly useful on GPUs, slower than plain torch on CPU).
+  mostly useful on GPUs, slower than plain torch on CPU). pykeops was not
+  installable where this was written, so this path has not been run.
 
 ``auto`` resolves to ``torch``. Compiling costs tens of seconds once per process on a CPU,
 so by default (SASHIMI_COMPILE unset or "auto") only large problems (H * (L/2+1) * N/2 >= 2^22,
@@ -52,7 +53,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
+
+from sashimi.errors import UserError
 
 BACKENDS = ("auto", "naive", "torch", "keops")
 
@@ -65,16 +69,12 @@ _COMPILE_MIN_ELEMENTS = 1 << 22
 def resolve_backend(backend: str) -> str:
     """Map a user-facing backend name onto an implemented one ('naive' | 'torch' | 'keops')."""
     if backend not in BACKENDS:
-        from sashimi.errors import UserError
-
         raise UserError(
             f"unknown S4 kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}"
         )
     if backend == "auto":
         return "torch"
     if backend == "keops" and not has_pykeops():
-        from sashimi.errors import UserError
-
         raise UserError("S4 kernel backend 'keops' requested but pykeops is not installed")
     return backend
 
@@ -151,12 +151,13 @@ def frequency_nodes(
 def _cauchy_coefficients(
     wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Real coefficients of the conjugate-pair Cauchy terms, broadcast over (..., K, N2).
+    """Real coefficients of the conjugate-pair Cauchy terms (all arguments broadcast together).
 
     For v = vr + i vi:  v/(2is - wc) + conj(v)/(2is - conj(w)c) = (vr a + vi b) + i (vi g - vr d).
-    wr, wi: (H, 1, N2); c, s: (K, 1). Returns a, b, g, d of shape (H, K, N2).
+    With w = (wr, wi) per (channel, mode) and (c, s) per frequency, a, b, g, d have the broadcast
+    shape, e.g. (H, K, N2) or (N2, H, K).
     """
-    x = -wr * c  # real part of both denominators (> 0 for k < L/2 since Re w < 0)
+    x = -wr * c  # real part of both denominators: > 0 since Re w < 0 (0 only at Nyquist, c = 0)
     y1 = 2 * s - wi * c  # imaginary part of 2is - w c
     y2 = 2 * s + wi * c  # imaginary part of 2is - conj(w) c
     x2 = x * x
@@ -171,13 +172,14 @@ def _cauchy_fused(
     """Broadcast multiply-sum form, meant for torch.compile (Inductor fuses it into one reduction).
 
     vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,). Returns Re, Im of rho: (M, H, K) each.
+    The modes are the OUTER dim of the (N2, H, K) domain so the fused loop vectorises along K
+    and accumulates over N2 in registers.
     """
-    wr, wi, c, s = wr.unsqueeze(1), wi.unsqueeze(1), c.unsqueeze(1), s.unsqueeze(1)
-    a, b, g, d = _cauchy_coefficients(wr, wi, c, s)  # (H, K, N2), never materialised when compiled
-    vr, vi = vr.unsqueeze(2), vi.unsqueeze(2)  # (M, H, 1, N2)
+    a, b, g, d = _cauchy_coefficients(wr.T[:, :, None], wi.T[:, :, None], c, s)  # (N2, H, K)
+    vr, vi = vr.transpose(1, 2)[..., None], vi.transpose(1, 2)[..., None]  # (M, N2, H, 1)
     # Unrolled over the few numerators so all 2M reductions share one loop nest.
-    re = torch.stack([(vr[m] * a + vi[m] * b).sum(-1) for m in range(vr.shape[0])])  # (M, H, K)
-    im = torch.stack([(vi[m] * g - vr[m] * d).sum(-1) for m in range(vr.shape[0])])  # (M, H, K)
+    re = torch.stack([(vr[m] * a + vi[m] * b).sum(0) for m in range(vr.shape[0])])  # (M, H, K)
+    im = torch.stack([(vi[m] * g - vr[m] * d).sum(0) for m in range(vr.shape[0])])  # (M, H, K)
     return re, im
 
 
@@ -258,21 +260,29 @@ def compile_enabled(elements: int | None = None) -> bool:
     return elements is None or elements >= _COMPILE_MIN_ELEMENTS
 
 
+# Inductor's store-vs-recompute heuristics would materialise the (N2, H, K) Cauchy coefficients
+# (their expression is "large"); raising the thresholds keeps everything inside one fused loop.
+_INDUCTOR_OPTIONS = {
+    "realize_opcount_threshold": 10_000,
+    "realize_reads_threshold": 10_000,
+    "realize_acc_reads_threshold": 10_000,
+}
+
+
 def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
     """Run the fused form under torch.compile; None (and a one-time warning) if compilation fails."""
     global _compiled_fn, _compile_broken
     if _compiled_fn is None:
-        _compiled_fn = torch.compile(_cauchy_fused, dynamic=True, fullgraph=True)
+        _compiled_fn = torch.compile(_cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS)
+    # H and K vary between calls (one compiled graph for all of them); M and N2 stay static.
+    for x, dim in zip(args, (1, 1, 0, 0, 0, 0), strict=True):
+        torch._dynamo.maybe_mark_dynamic(x, dim)
     try:
         return _compiled_fn(*args)
-    except (
-        Exception
-    ) as err:  # compiler missing or broken: fall back to the eager chunked path for good
+    except Exception as err:  # compiler missing or broken: fall back to the eager path for good
         _compile_broken = True
-        warnings.warn(
-            f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager fallback",
-            stacklevel=2,
-        )
+        msg = f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager"
+        warnings.warn(msg, stacklevel=2)
         return None
 
 
@@ -282,14 +292,8 @@ def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "to
     v: (M, H, N2) complex numerators; dtA: (H, N2) complex poles w (Re w < 0); c, s: (K,) nodes
     from :func:`frequency_nodes`. Returns (M, H, K) complex.
     """
-    args = (
-        v.real.contiguous(),
-        v.imag.contiguous(),
-        dtA.real.contiguous(),
-        dtA.imag.contiguous(),
-        c,
-        s,
-    )
+    vr, vi, wr, wi = (x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag))
+    args = (vr, vi, wr, wi, c, s)
     out = None
     if backend == "keops":
         out = _cauchy_keops(*args)
@@ -315,9 +319,9 @@ def dplr_kernel(
 ) -> Tensor:
     """Length-L convolution kernel of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
 
-    dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored C~
-    for length L; dt: (H,) real. Returns K: (c, H, L) real with K[c, h, l] = C~_ext A-bar^l B-bar_ext
-    (conjugate-extended state of size N = 2 N2).
+    dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored
+    C~ = C (I - A-bar^L) for length L; dt: (H,) real. Returns K: (c, H, L) real with
+    K[c, h, l] = C_ext A-bar^l B-bar_ext for l < L (conjugate-extended state of size N = 2 N2).
     """
     backend = resolve_backend(backend)
     Bs = torch.stack([B, P]).unsqueeze(1) * dt.unsqueeze(-1)  # (2, 1, H, N2): (B, P) dt

@@ -1,45 +1,54 @@
-"""S4 layer (DPLR state space) as used by SaShiMi: convolution mode for training, recurrent mode for sampling.
+"""S4 layer (DPLR state space) as used by SaShiMi: convolution mode to train, recurrent mode to sample.
 
-Model (per channel h, N = d_state, the state is kept as N/2 complex conjugate pairs):
+Model, per channel h (N = d_state; the state is kept as N/2 complex-conjugate pairs):
 
-    A = diag(Lambda) - P P^*        Re Lambda = -exp(A_real) < 0, Im Lambda = -A_imag, Q tied to conj(P)
-    dt = softplus(inv_dt)            bilinear: A-bar = (I - dt/2 A)^{-1} (I + dt/2 A), B-bar = (I - dt/2 A)^{-1} dt B
-    y = K * u + D u,   K[l] = C A-bar^l B-bar      (causal FFT convolution of size 2L)
-    layer = output_linear(dropout(GELU(y)))         glu=True: Linear(H, 2H) then GLU over features
+    A = diag(Lambda) - P P^*    Re Lambda = -exp(A_real) < 0, Im Lambda = -A_imag, Q tied to conj(P)
+    dt = softplus(inv_dt)       A-bar = (I - dt/2 A)^{-1} (I + dt/2 A), B-bar = (I - dt/2 A)^{-1} dt B
+    y = K * u + D u             K[l] = C A-bar^l B-bar, causal FFT convolution of size 2L
+    out = output_linear(dropout(GELU(y)))      glu=True: Linear(H, 2H) then GLU over features
+
+Bidirectional: C has two channels; C[0] gives the causal kernel k0 and C[1] a backward kernel k1,
+combined as in the official FFTConv: y[t] = sum_s k0[s] u[t-s] + sum_s k1[s] u[t+1+s] + D u[t]
+(k1 is applied to the time-reversed future, shifted by one step). It has no recurrent mode.
 
 Because Re Lambda < 0 and P P^* is positive semidefinite, A + A^* is negative definite, so the
 bilinear A-bar is a strict contraction for ANY parameter values and any dt > 0: recurrent
 generation cannot blow up (the paper's stability fix).
 
-C~ semantics (as in the official code): the stored C is C~ = C (I - A-bar^l) relative to the buffer
-``l_kernel`` (row-vector convention; equivalently (I - A-bar^l)^T C). l_kernel == 0 means raw C; the first
-forward at length L converts C in place and sets l_kernel = L; a longer request doubles l_kernel
+C~ semantics (as in the official code): the stored C is C~ = C (I - A-bar^l), i.e. (I - A-bar^l)^T C
+in column form, relative to the buffer ``l_kernel``. l_kernel == 0 means raw C; the first forward
+at length L converts C in place and sets l_kernel = L; a longer request doubles l_kernel
 (multiplying C~ by (I + A-bar^l)) until it covers L; a shorter request truncates the kernel. The
 recurrent mode recovers C from C~.
 
-Parameters (float32, real views of complex tensors with a trailing (re, im) dim of 2):
+Recurrent mode runs in float64 on the diagonalised system (A = V diag(sigma) V^{-1}, computed
+once per SSM copy, so once per layer when n_ssm = 1): one complex multiply-add per mode and one dot
+product per step. A float32 modal state is wrong (V is ill-conditioned, cond ~ 1e8 at init); in
+float64 the error is ~cond * 1e-16. A dense, exact step is the fallback for worse conditioning.
 
-    kernel.inv_dt   (H, 1)                 kernel.C       (channels, H, N/2, 2)
-    kernel.B        (1, n_ssm, N/2, 2)     kernel.A_real  (n_ssm, N/2)
-    kernel.A_imag   (n_ssm, N/2)           kernel.P       (1, n_ssm, N/2, 2)
-    kernel.l_kernel ()  int64 buffer       D              (1, H)
+Parameters (float32; complex tensors are real views with a trailing (re, im) dim of 2):
+
+    kernel.inv_dt    (H, 1)                kernel.C        (channels, H, N/2, 2)
+    kernel.B         (1, n_ssm, N/2, 2)    kernel.A_real   (n_ssm, N/2)
+    kernel.A_imag    (n_ssm, N/2)          kernel.P        (1, n_ssm, N/2, 2)
+    kernel.l_kernel  () int64 buffer       D               (1, H)
     output_linear.weight (H or 2H, H)      output_linear.bias (H or 2H,)
 
-channels = 2 when bidirectional (C[0] forward kernel, C[1] backward kernel), else 1. With n_ssm < H
-the (Lambda, P, B) copies are tiled over channels: channel h uses copy h % n_ssm (official '(v t)').
+channels = 2 when bidirectional, else 1. With n_ssm < H the (Lambda, P, B) copies are tiled over
+the channels: channel h uses copy h % n_ssm (the official '(v t)' layout).
 
-Official state dicts map onto ours by renaming only (shapes and values are identical):
+Official (state-spaces/s4 v4) S4Block state dicts map onto ours by renaming only; shapes and
+values are identical (:func:`official_s4_key`, :meth:`S4Block.load_official_state_dict`):
 
-    state-spaces/s4 v4 S4Block          this module
-    layer.D                         ->  D
-    layer.kernel.<name>             ->  kernel.<name>      (inv_dt, C, B, A_real, A_imag, P, l_kernel)
-    output_linear.0.weight / .bias  ->  output_linear.weight / .bias
+    layer.D                        ->  D
+    layer.kernel.<name>            ->  kernel.<name>   (inv_dt, C, B, A_real, A_imag, P, l_kernel)
+    output_linear.0.weight / bias  ->  output_linear.weight / bias
 
-(:func:`official_s4_key`, :meth:`S4Block.load_official_state_dict`). The January-2022 / "S4 v3"
-standalone layer of albertfgu/diffwave-sashimi stores log_dt (H) with dt = exp(log_dt),
-inv_w_real (n_ssm, N/2) with Re Lambda = -exp(inv_w_real), w_imag with Im Lambda = w_imag, kernel.kernel.L,
-and a (2H, H, 1) output weight: :func:`convert_v3_kernel_state` and :func:`convert_v3_s4_state`
-convert those (dt is re-expressed through the inverse softplus; the kernel is unchanged).
+The "S4 v3" standalone layer of albertfgu/diffwave-sashimi (n_ssm = H) stores log_dt (H) with
+dt = exp(log_dt), inv_w_real (n_ssm, N/2) with Re Lambda = -exp(inv_w_real), w_imag with
+Im Lambda = w_imag, the buffer kernel.kernel.L and a (2H, H, 1) output weight;
+:func:`convert_v3_kernel_state` and :func:`convert_v3_s4_state` convert those (dt is re-expressed
+through the inverse softplus; the kernel is unchanged).
 """
 
 from __future__ import annotations
@@ -337,13 +346,17 @@ class S4Block(nn.Module):
             k = K[0]  # (H, L)
         with torch.autocast(x.device.type, enabled=False):
             k_f = torch.fft.rfft(k.to(x.dtype), n=2 * L)  # (H, L+1)
-            x_f = torch.fft.rfft(x, n=2 * L, dim=1)  # (B, L+1, H)
-            y = torch.fft.irfft(x_f * k_f.transpose(0, 1), n=2 * L, dim=1)[:, :L]  # (B, L, H)
-        return y + x * self.D[0].to(x.dtype)  # (B, L, H)
+            x_f = torch.fft.rfft(x.transpose(1, 2).contiguous(), n=2 * L)  # (B, H, L+1)
+            y = torch.fft.irfft(x_f * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        return y.transpose(1, 2) + x * self.D[0].to(x.dtype)  # (B, L, H)
 
     def _head(self, y: Tensor) -> Tensor:
         """Pointwise part shared by both modes: GELU -> dropout -> output linear (-> GLU)."""
-        y = self.output_linear(self.dropout(F.gelu(y)))
+        y = F.gelu(y)
+        if self.training:
+            y = self.dropout(y)
+        # Functional call: no module-hook overhead, which matters for batch-1 stepping.
+        y = F.linear(y, self.output_linear.weight, self.output_linear.bias)
         return F.glu(y, dim=-1) if self.glu else y
 
     def forward(self, u: Tensor) -> Tensor:
@@ -369,7 +382,9 @@ class S4Block(nn.Module):
                 # An extra mode with pole 0 and weight D carries the skip term: its state is just u_t.
                 lam = F.pad(lam, (0, 1))  # (H, M = N+1) complex128
                 c = torch.cat([c[0], D.to(c.dtype).unsqueeze(-1)], dim=-1)  # (H, M)
-                self._lam, self._c_conj = lam, c.conj()  # complex form (eager)
+                self._lam = lam  # (H, M) complex128
+                # Re(c-hat . s) as a real dot product with the (re, im) view of s: weights (Re c, -Im c).
+                self._c_ri = torch.stack([c.real, -c.imag], dim=-1).flatten(-2)  # (H, 2M)
                 # Real form (for torch.compile): lambda-bar and c-hat split into real/imag parts.
                 self._lam_r, self._lam_i, self._c_r, self._c_i = lam.real, lam.imag, c.real, c.imag
                 self._step_mode = "modal"
@@ -412,8 +427,9 @@ class S4Block(nn.Module):
         u_c = u.to(torch.complex128).unsqueeze(-1)  # (B, H, 1)
         # s_t = lambda-bar s_{t-1} + u_t
         s = torch.addcmul(u_c, self._lam, torch.view_as_complex(state))  # (B, H, M)
-        y = torch.linalg.vecdot(self._c_conj, s).real  # Re(c-hat . s_t), includes D u_t, (B, H)
-        return y, torch.view_as_real(s)
+        s = torch.view_as_real(s)  # (B, H, M, 2)
+        y = (s.flatten(-2) * self._c_ri).sum(-1)  # Re(c-hat . s_t), includes D u_t, (B, H)
+        return y, s
 
     def _step_modal_real(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """The same step in real arithmetic, which Inductor fuses into one kernel under torch.compile."""
