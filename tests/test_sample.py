@@ -44,16 +44,26 @@ def test_loglik_is_the_models_own_likelihood(temperature, top_p):
     model = TinyAR(d_model=8).eval()
     prefix = torch.tensor([128, 140, 150, 131, 90])
     g = torch.Generator().manual_seed(3)
-    tokens, loglik = generate_ar(model, 3, 40, temperature=temperature, top_p=top_p, prefix=prefix,
-                                 generator=g)
+    tokens, loglik = generate_ar(
+        model, 3, 40, temperature=temperature, top_p=top_p, prefix=prefix, generator=g
+    )
     assert tokens.shape == (3, 40) and (tokens[:, :5] == prefix).all()
     x = torch.cat([torch.full((3, model.context + 1), 128), tokens[:, :-1]], 1)  # (3, context + 40)
     with torch.no_grad():
-        logp = F.log_softmax(model(x).double(), -1).gather(2, tokens[:, :, None])[:, :, 0]  # (3, 40)
+        logp = F.log_softmax(model(x).double(), -1).gather(2, tokens[:, :, None])[
+            :, :, 0
+        ]  # (3, 40)
     torch.testing.assert_close(loglik, logp[:, 5:].sum(1), rtol=1e-5, atol=1e-4)
     # seeded: the same generator state gives the same clips
-    tokens2, _ = generate_ar(model, 3, 40, temperature=temperature, top_p=top_p, prefix=prefix,
-                             generator=torch.Generator().manual_seed(3))
+    tokens2, _ = generate_ar(
+        model,
+        3,
+        40,
+        temperature=temperature,
+        top_p=top_p,
+        prefix=prefix,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(tokens, tokens2)
 
 
@@ -95,8 +105,18 @@ def test_sample_writes_wavs_and_csv_and_resumes(workdir, capsys):
         from sashimi.sample import sample_run
 
         P = load_params("params.yaml")
-        sample_run(P, P.run("tiny"), n=5, seconds=0.01, batch_size=2, temperature=0.5, top_p=1.0,
-                   checkpoint=None, out=None, progress=False)
+        sample_run(
+            P,
+            P.run("tiny"),
+            n=5,
+            seconds=0.01,
+            batch_size=2,
+            temperature=0.5,
+            top_p=1.0,
+            checkpoint=None,
+            out=None,
+            progress=False,
+        )
 
 
 def test_decoding_uses_the_runs_quantiser(workdir):
@@ -104,14 +124,32 @@ def test_decoding_uses_the_runs_quantiser(workdir):
     with its own quantiser (Beethoven is linear)."""
     from sashimi.data.quantize import mu_law_decode
 
-    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law"},
-          "lin": {"format": "folder", "download": None, "quantization": "linear"}}
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}), "lin": tiny_run(dataset="lin")}, ds)
+    ds = {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law"},
+        "lin": {"format": "folder", "download": None, "quantization": "linear"},
+    }
+    write_params(
+        workdir, {"tiny": tiny_run(train={"max_steps": 2}), "lin": tiny_run(dataset="lin")}, ds
+    )
     assert cli("train", "--run", "tiny") == 0
     ck = str(workdir / "results/runs/tiny/checkpoints/last.pt")
     for key in ("tiny", "lin"):
-        assert cli("sample", "--run", key, "--n", "2", "--seconds", "0.02", "--checkpoint", ck,
-                   "--out", f"s-{key}") == 0
+        assert (
+            cli(
+                "sample",
+                "--run",
+                key,
+                "--n",
+                "2",
+                "--seconds",
+                "0.02",
+                "--checkpoint",
+                ck,
+                "--out",
+                f"s-{key}",
+            )
+            == 0
+        )
     lin, _ = sf.read(workdir / "s-lin/00000.wav", dtype="float64")
     mu, _ = sf.read(workdir / "s-tiny/00000.wav", dtype="float64")
     q = np.rint((lin + 1) * 128).astype(np.int64)  # linear: x = q / 128 - 1, exact within PCM-16
@@ -128,8 +166,24 @@ def test_prefix_continuation(workdir):
     t = np.arange(800) / 8000
     prefix = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
     sf.write(workdir / "prefix.wav", prefix, 8000)  # 8 kHz: resampled to 16 kHz
-    assert cli("sample", "--run", "tiny", "--n", "3", "--seconds", "0.03", "--prefix", "prefix.wav",
-               "--prefix-seconds", "0.01", "--out", "cont") == 0
+    assert (
+        cli(
+            "sample",
+            "--run",
+            "tiny",
+            "--n",
+            "3",
+            "--seconds",
+            "0.03",
+            "--prefix",
+            "prefix.wav",
+            "--prefix-seconds",
+            "0.01",
+            "--out",
+            "cont",
+        )
+        == 0
+    )
     import torchaudio
 
     p16 = torchaudio.functional.resample(torch.from_numpy(prefix), 8000, 16000)[:160]
@@ -140,14 +194,28 @@ def test_prefix_continuation(workdir):
         np.testing.assert_allclose(x[:160], expect, atol=1e-4)
     rows = _rows(workdir / "cont/loglik.csv")
     r = rows[0]
-    assert float(r["bits_per_sample"]) == pytest.approx(-float(r["loglik_nats"]) / (320 * math.log(2)), rel=1e-5)
+    assert float(r["bits_per_sample"]) == pytest.approx(
+        -float(r["loglik_nats"]) / (320 * math.log(2)), rel=1e-5
+    )
     with pytest.raises(UserError, match="prefix must be shorter"):
         from sashimi.config import load_params
         from sashimi.sample import sample_run
 
         P = load_params("params.yaml")
-        sample_run(P, P.run("tiny"), n=1, seconds=0.01, batch_size=1, temperature=1.0, top_p=1.0,
-                   checkpoint=None, out="x", prefix="prefix.wav", prefix_seconds=0.05, progress=False)
+        sample_run(
+            P,
+            P.run("tiny"),
+            n=1,
+            seconds=0.01,
+            batch_size=1,
+            temperature=1.0,
+            top_p=1.0,
+            checkpoint=None,
+            out="x",
+            prefix="prefix.wav",
+            prefix_seconds=0.05,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("name", list(REAL))
@@ -161,10 +229,22 @@ def test_real_models_sample(workdir, name):
     except (ImportError, AttributeError) as e:
         pytest.skip(f"model {name} not importable yet ({e})")
     kind, model, train = REAL[name]
-    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}}
-    write_params(workdir, {name: {"kind": kind, "dataset": "tiny", "model": model,
-                                  "train": dict({"max_steps": 2}, **train),
-                                  "sample": {"sampler": "fast", "fast_steps": 4}}}, ds)
+    ds = {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
+    }
+    write_params(
+        workdir,
+        {
+            name: {
+                "kind": kind,
+                "dataset": "tiny",
+                "model": model,
+                "train": dict({"max_steps": 2}, **train),
+                "sample": {"sampler": "fast", "fast_steps": 4},
+            }
+        },
+        ds,
+    )
     assert cli("train", "--run", name) == 0
     assert cli("sample", "--run", name, "--n", "2", "--seconds", "0.04", "--batch-size", "2") == 0
     out = workdir / "results/runs" / name / "samples"
@@ -178,3 +258,16 @@ def test_real_models_sample(workdir, name):
         else:
             assert r["loglik_nats"] == "" and r["bits_per_sample"] == ""
 
+
+def test_sample_token_follows_the_distribution():
+    """Gumbel-max draws match softmax(logits / T), restricted to the nucleus under top-p."""
+    from sashimi.sample import sample_token, top_p_filter
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    for T, p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
+        x = sample_token(logits, T, p, g)
+        freq = torch.bincount(x, minlength=4).float() / len(x)
+        expect = top_p_filter(torch.softmax(logits[:1] / T, -1), p)[0]
+        torch.testing.assert_close(freq, expect, atol=0.015, rtol=0)
+    assert torch.equal(sample_token(logits[:2], 0.0), torch.tensor([0, 0]))

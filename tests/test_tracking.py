@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from test_train import cli, make_prepared, register_tiny_models, tiny_run, write_params
 
 WRITER = textwrap.dedent("""
@@ -23,14 +25,24 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_parallel_writers_one_sqlite_store(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     keys = [f"job-{i}" for i in range(3)]
-    procs = [subprocess.Popen([sys.executable, str(script), k, str(tmp_path)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in keys]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), k, str(tmp_path)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in keys
+    ]
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-2000:]
@@ -53,7 +65,9 @@ def test_broken_store_warns_once_and_never_raises(tmp_path, capsys, monkeypatch)
     from sashimi.tracking import Tracker
 
     (tmp_path / "afile").write_text("not a folder")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'mlflow.db'}")
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'mlflow.db'}"
+    )
     monkeypatch.setenv("SASHIMI_TRACKING", "1")
     monkeypatch.setattr("sashimi.tracking._RETRIES", (0.01,))
     with Tracker("x", {"a": 1}, root=tmp_path) as tr:
@@ -66,7 +80,7 @@ def test_broken_store_warns_once_and_never_raises(tmp_path, capsys, monkeypatch)
 
 
 def test_training_survives_a_broken_tracking_uri(tmp_path, monkeypatch, capsys):
-    register_tiny_models()
+    register_tiny_models(monkeypatch)
     monkeypatch.chdir(tmp_path)
     make_prepared(tmp_path)
     write_params(tmp_path, {"tiny": tiny_run(train={"max_steps": 6})})
@@ -91,13 +105,15 @@ def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch):
 
 
 def test_mlflow_import_is_lazy():
-    code = "import sys, sashimi.tracking, sashimi.train, sashimi.sample, sashimi.evaluate; " \
-           "sys.exit('mlflow' in sys.modules)"
+    code = (
+        "import sys, sashimi.tracking, sashimi.train, sashimi.sample, sashimi.evaluate; "
+        "sys.exit('mlflow' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_training_run_is_mirrored(tmp_path, monkeypatch):
-    register_tiny_models()
+    register_tiny_models(monkeypatch)
     monkeypatch.chdir(tmp_path)
     make_prepared(tmp_path)
     write_params(tmp_path, {"tiny": tiny_run(train={"max_steps": 10, "log_every": 2})})
@@ -106,7 +122,9 @@ def test_training_run_is_mirrored(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli("train", "--run", "tiny") == 0
     assert cli("train", "--run", "tiny", "--max-steps", "12") == 0  # resumed: the same MLflow run
-    assert cli("sample", "--run", "tiny", "--n", "2", "--seconds", "0.01") == 0  # clips go there too
+    assert (
+        cli("sample", "--run", "tiny", "--n", "2", "--seconds", "0.01") == 0
+    )  # clips go there too
     assert cli("evaluate", "--run", "tiny") == 0  # and the test NLL
 
     from mlflow.tracking import MlflowClient

@@ -50,7 +50,9 @@ class TinyAR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, context + L) -> (B, L, 256)
         h = self.embedding(x).transpose(1, 2)  # (B, H, context + L)
-        h = torch.tanh(self.conv(h) * self.kernel.log_dt.exp()[:, None]).transpose(1, 2)  # (B, L, H)
+        h = torch.tanh(self.conv(h) * self.kernel.log_dt.exp()[:, None]).transpose(
+            1, 2
+        )  # (B, L, H)
         logits = self.out(self.norm(h)) * self.gain  # (B, L, 256)
         if self.training:
             self.calls += 1
@@ -64,7 +66,9 @@ class TinyAR(nn.Module):
         pass
 
     def default_state(self, batch: int, device=None) -> torch.Tensor:
-        return torch.full((batch, self.context), 128, dtype=torch.long, device=device)  # (B, context)
+        return torch.full(
+            (batch, self.context), 128, dtype=torch.long, device=device
+        )  # (B, context)
 
     def step(self, token: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         window = torch.cat([state, token[:, None]], 1)  # (B, context + 1)
@@ -102,34 +106,53 @@ class TinyRNN(nn.Module):
         return logits[:, 0], s
 
 
-def register_tiny_models() -> None:
-    """Make `tiny-ar` / `tiny-rnn` buildable through sashimi.models (also in subprocesses)."""
+def register_tiny_models(monkeypatch=None) -> None:
+    """Make `tiny-ar` / `tiny-rnn` buildable through sashimi.models (also in subprocesses).
+    With `monkeypatch` the registration is undone after the test."""
     from sashimi import models
 
-    models._REGISTRY.setdefault("tiny-ar", ("test_train", "TinyAR"))
-    models._REGISTRY.setdefault("tiny-rnn", ("test_train", "TinyRNN"))
     sys.modules.setdefault("test_train", sys.modules[__name__])
+    for name, cls in (("tiny-ar", "TinyAR"), ("tiny-rnn", "TinyRNN")):
+        if monkeypatch is not None:
+            monkeypatch.setitem(models._REGISTRY, name, ("test_train", cls))
+        else:
+            models._REGISTRY.setdefault(name, ("test_train", cls))
 
 
 # ============================================================================ data and params
-def make_prepared(root: Path, key: str = "tiny", splits: dict | None = None, seed: int = 0,
-                  lengths: tuple[int, int] = (300, 400)) -> Path:
+def make_prepared(
+    root: Path,
+    key: str = "tiny",
+    splits: dict | None = None,
+    seed: int = 0,
+    lengths: tuple[int, int] = (300, 400),
+) -> Path:
     """A prepared folder in the contract layout: clips of noisy sines of random lengths."""
     splits = splits or {"train": 12, "validation": 4, "test": 5}
     d = root / "data" / "prepared" / key
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    manifest = {"dataset": key, "source": "test", "sample_rate": 16000, "splits": {},
-                "inputs_sha256": "0" * 64, "skipped": []}
+    manifest = {
+        "dataset": key,
+        "source": "test",
+        "sample_rate": 16000,
+        "splits": {},
+        "inputs_sha256": "0" * 64,
+        "skipped": [],
+    }
     for split, n in splits.items():
         clips = []
         for _ in range(n):
             L = int(rng.integers(lengths[0], lengths[1] + 1))
             t = np.arange(L) / 16000
             f = rng.uniform(200, 800)
-            clips.append((0.6 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(L)).astype(np.float32))
+            clips.append(
+                (0.6 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(L)).astype(np.float32)
+            )
         offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
-        np.save(d / f"{split}.audio.npy", np.concatenate(clips) if clips else np.zeros(0, np.float32))
+        np.save(
+            d / f"{split}.audio.npy", np.concatenate(clips) if clips else np.zeros(0, np.float32)
+        )
         np.save(d / f"{split}.offsets.npy", offsets)
         np.save(d / f"{split}.labels.npy", rng.integers(0, 10, n).astype(np.int64))
         manifest["splits"][split] = {"clips": n, "samples": int(offsets[-1])}
@@ -137,25 +160,54 @@ def make_prepared(root: Path, key: str = "tiny", splits: dict | None = None, see
     return d
 
 
-TRAIN = dict(batch_size=4, lr=3e-3, ssm_lr=1e-3, weight_decay=0.01, scheduler="constant",
-             max_steps=20, val_every=10, val_batches=2, log_every=5, ckpt_every=5, keep_last=2,
-             num_workers=0, amp=False, compile=False, seed=0)
+TRAIN = dict(
+    batch_size=4,
+    lr=3e-3,
+    ssm_lr=1e-3,
+    weight_decay=0.01,
+    scheduler="constant",
+    max_steps=20,
+    val_every=10,
+    val_batches=2,
+    log_every=5,
+    ckpt_every=5,
+    keep_last=2,
+    num_workers=0,
+    amp=False,
+    compile=False,
+    seed=0,
+)
 
 
 def write_params(root: Path, runs: dict, datasets: dict | None = None) -> Path:
     """A minimal params.yaml in `root` (demo scale) with the given runs."""
-    datasets = datasets or {"tiny": {"format": "folder", "download": None, "quantization": "mu-law"}}
-    raw = {"scale": "demo", "seed": 0, "train_defaults": dict(TRAIN),
-           "sample_defaults": {"n": 4, "seconds": 0.01, "batch_size": 2},
-           "datasets": datasets, "runs": runs}
+    datasets = datasets or {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law"}
+    }
+    raw = {
+        "scale": "demo",
+        "seed": 0,
+        "train_defaults": dict(TRAIN),
+        "sample_defaults": {"n": 4, "seconds": 0.01, "batch_size": 2},
+        "datasets": datasets,
+        "runs": runs,
+    }
     p = root / "params.yaml"
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
     return p
 
 
-def tiny_run(model: dict | None = None, train: dict | None = None, dataset: str = "tiny", **kw) -> dict:
-    return dict({"dataset": dataset, "model": dict({"name": "tiny-ar", "d_model": 8}, **(model or {})),
-                 "train": dict(train or {})}, **kw)
+def tiny_run(
+    model: dict | None = None, train: dict | None = None, dataset: str = "tiny", **kw
+) -> dict:
+    return dict(
+        {
+            "dataset": dataset,
+            "model": dict({"name": "tiny-ar", "d_model": 8}, **(model or {})),
+            "train": dict(train or {}),
+        },
+        **kw,
+    )
 
 
 def launcher(tmp: Path) -> Path:
@@ -185,7 +237,7 @@ def cli(*argv: str) -> int:
 
 def setup_workdir(tmp_path: Path, monkeypatch) -> Path:
     """A temporary project root (cwd) with tiny data; tracking off unless a test turns it on."""
-    register_tiny_models()
+    register_tiny_models(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SASHIMI_TRACKING", "0")
     monkeypatch.setenv("SASHIMI_PROGRESS", "0")
@@ -203,7 +255,6 @@ def workdir(tmp_path, monkeypatch):
 def test_param_groups_ssm_lr_and_no_decay():
     from sashimi.train import build_optimizer, param_groups
 
-    register_tiny_models()
     model = TinyAR()
     groups = {g["name"]: g for g in param_groups(model, lr=3e-3, weight_decay=0.1, ssm_lr=1e-3)}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
@@ -260,7 +311,9 @@ def test_schedulers_plateau_cosine_constant():
         lrs.append(o.param_groups[0]["lr"])
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[9] == pytest.approx(0.5)  # half-way through the 10 decay steps
-    assert lrs[14] == pytest.approx(0.0, abs=1e-12) and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[14] == pytest.approx(0.0, abs=1e-12) and all(
+        a >= b for a, b in zip(lrs[3:], lrs[4:])
+    )
 
     o = opt()
     s = build_scheduler(o, TrainConfig(scheduler="constant"))
@@ -291,7 +344,15 @@ def test_train_writes_log_config_and_checkpoints(workdir):
     assert cli("train", "--run", "tiny") == 0
     run_dir = workdir / "results" / "runs" / "tiny"
     rows = read_log(run_dir)
-    assert list(rows[0]) == ["step", "split", "loss", "bits_per_sample", "lr", "tokens_per_s", "elapsed_s"]
+    assert list(rows[0]) == [
+        "step",
+        "split",
+        "loss",
+        "bits_per_sample",
+        "lr",
+        "tokens_per_s",
+        "elapsed_s",
+    ]
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "validation"]
     assert [int(r["step"]) for r in train] == [5, 10, 15, 20, 25, 30]
@@ -301,18 +362,36 @@ def test_train_writes_log_config_and_checkpoints(workdir):
     assert float(r["bits_per_sample"]) == pytest.approx(float(r["loss"]) / math.log(2), rel=1e-5)
     assert float(r["tokens_per_s"]) > 0
     ck = run_dir / "checkpoints"
-    assert sorted(p.name for p in ck.glob("*.pt")) == ["best.pt", "last.pt", "step-25.pt", "step-30.pt"]
+    assert sorted(p.name for p in ck.glob("*.pt")) == [
+        "best.pt",
+        "last.pt",
+        "step-25.pt",
+        "step-30.pt",
+    ]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["key"] == "tiny" and cfg["model"]["name"] == "tiny-ar"
     model, ckpt = load_model(run_dir)
     assert Path(ckpt["path"]).name == "best.pt" and not model.training
-    for k in ("model", "optimizer", "scheduler", "rng", "step", "epoch", "best_val", "config",
-              "model_name", "model_kwargs", "kind"):
+    for k in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "step",
+        "epoch",
+        "best_val",
+        "config",
+        "model_name",
+        "model_kwargs",
+        "kind",
+    ):
         assert k in ckpt
     assert ckpt["kind"] == "ar" and ckpt["model_kwargs"] == {"d_model": 8}
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
     last = torch.load(ck / "last.pt", weights_only=True)
-    assert last["step"] == 30 and last["best_val"] == pytest.approx(min(float(v["loss"]) for v in val))
+    assert last["step"] == 30 and last["best_val"] == pytest.approx(
+        min(float(v["loss"]) for v in val)
+    )
     # finished: running again does nothing (budget counted over resumes)
     assert cli("train", "--run", "tiny") == 0
     assert torch.load(ck / "last.pt", weights_only=True)["step"] == 30
@@ -338,17 +417,32 @@ def test_resume_refuses_another_model(workdir):
 
         from sashimi.train import run as train_run
 
-        train_run(argparse.Namespace(params="params.yaml", run="tiny", resume=None, max_steps=None,
-                                     max_minutes=None, device="cpu", no_progress=True))
+        train_run(
+            argparse.Namespace(
+                params="params.yaml",
+                run="tiny",
+                resume=None,
+                max_steps=None,
+                max_minutes=None,
+                device="cpu",
+                no_progress=True,
+            )
+        )
     # --no-resume starts over
     assert cli("train", "--run", "tiny", "--no-resume") == 0
-    assert torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"] == 10
+    assert (
+        torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"]
+        == 10
+    )
 
 
 def test_max_steps_and_minutes_overrides(workdir):
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 1000, "ckpt_every": 1000})})
     assert cli("train", "--run", "tiny", "--max-steps", "7") == 0
-    assert torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"] == 7
+    assert (
+        torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"]
+        == 7
+    )
     t = time.monotonic()
     assert cli("train", "--run", "tiny", "--max-minutes", "0.02") == 0  # 1.2 s in total
     assert time.monotonic() - t < 30
@@ -367,12 +461,18 @@ def test_tbptt_steps_per_window_and_carried_state(workdir, monkeypatch):
         return orig(self, x, y)
 
     monkeypatch.setattr(T.Trainer, "_train_step", spy)
-    write_params(workdir, {"rnn": tiny_run(model={"name": "tiny-rnn"}, train={"tbptt": 128, "max_steps": 6})})
+    write_params(
+        workdir, {"rnn": tiny_run(model={"name": "tiny-rnn"}, train={"tbptt": 128, "max_steps": 6})}
+    )
     assert cli("train", "--run", "rnn") == 0
     # clips of 300..400 samples -> 3 or 4 windows of <= 128 per batch; state None only at batch starts
     assert seen[0] == (128, True) and seen[1] == (128, False) and seen[2][1] is False
     starts = [i for i, (_, fresh) in enumerate(seen) if fresh]
-    assert starts[0] == 0 and len(starts) >= 2 and all(b - a in (3, 4) for a, b in zip(starts, starts[1:]))
+    assert (
+        starts[0] == 0
+        and len(starts) >= 2
+        and all(b - a in (3, 4) for a, b in zip(starts, starts[1:]))
+    )
 
 
 def test_missing_checkpoint_error_names_the_path(workdir, capsys):
@@ -391,11 +491,21 @@ def test_imported_checkpoint_is_accepted(workdir):
     m = TinyAR(d_model=8)
     d = workdir / "results/runs/imp/checkpoints"
     d.mkdir(parents=True)
-    torch.save({"model": m.state_dict(), "model_name": "tiny-ar", "model_kwargs": {"d_model": 8},
-                "kind": "ar", "step": 0}, d / "imported.pt")
+    torch.save(
+        {
+            "model": m.state_dict(),
+            "model_name": "tiny-ar",
+            "model_kwargs": {"d_model": 8},
+            "kind": "ar",
+            "step": 0,
+        },
+        d / "imported.pt",
+    )
     model, ckpt = load_model(workdir / "results/runs/imp")
     assert Path(ckpt["path"]).name == "imported.pt"
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values())
+    )
 
 
 def test_classifier_runs_are_delegated(workdir, monkeypatch):
@@ -408,23 +518,67 @@ def test_classifier_runs_are_delegated(workdir, monkeypatch):
         return 0
 
     monkeypatch.setattr(C, "run", fake_run)
-    write_params(workdir, {"clf": {"kind": "classifier", "dataset": "tiny", "model": {"name": "resnext"},
-                                   "train": {"optimizer": "sgd"}}})
+    write_params(
+        workdir,
+        {
+            "clf": {
+                "kind": "classifier",
+                "dataset": "tiny",
+                "model": {"name": "resnext"},
+                "train": {"optimizer": "sgd"},
+            }
+        },
+    )
     assert cli("train", "--run", "clf", "--max-steps", "3") == 0
     assert got["classifier_cmd"] == "train" and got["run"] == "clf" and got["max_steps"] == 3
 
 
 # ============================================================================ the real models
 REAL = {
-    "sashimi": ("ar", {"name": "sashimi", "d_model": 8, "n_layers": 1, "pool": [4, 4], "expand": 2,
-                       "ff": 2, "d_state": 8}, {}),
-    "wavenet": ("ar", {"name": "wavenet", "layers": 4, "blocks": 1, "residual_channels": 8,
-                       "dilation_channels": 8, "skip_channels": 16, "end_channels": 16}, {}),
-    "samplernn": ("ar", {"name": "samplernn", "frame_sizes": [4, 2], "n_rnn": 1, "d_hidden": 16,
-                         "d_model": 8}, {"tbptt": 128, "clip_grad": 1.0, "clip_mode": "value"}),
-    "diffwave": ("diffusion", {"name": "diffwave", "backbone": "wavenet", "res_channels": 8,
-                               "skip_channels": 8, "num_res_layers": 2, "dilation_cycle": 2, "T": 50},
-                 {"optimizer": "adam", "weight_decay": 0.0}),
+    "sashimi": (
+        "ar",
+        {
+            "name": "sashimi",
+            "d_model": 8,
+            "n_layers": 1,
+            "pool": [4, 4],
+            "expand": 2,
+            "ff": 2,
+            "d_state": 8,
+        },
+        {},
+    ),
+    "wavenet": (
+        "ar",
+        {
+            "name": "wavenet",
+            "layers": 4,
+            "blocks": 1,
+            "residual_channels": 8,
+            "dilation_channels": 8,
+            "skip_channels": 16,
+            "end_channels": 16,
+        },
+        {},
+    ),
+    "samplernn": (
+        "ar",
+        {"name": "samplernn", "frame_sizes": [4, 2], "n_rnn": 1, "d_hidden": 16, "d_model": 8},
+        {"tbptt": 128, "clip_grad": 1.0, "clip_mode": "value"},
+    ),
+    "diffwave": (
+        "diffusion",
+        {
+            "name": "diffwave",
+            "backbone": "wavenet",
+            "res_channels": 8,
+            "skip_channels": 8,
+            "num_res_layers": 2,
+            "dilation_cycle": 2,
+            "T": 50,
+        },
+        {"optimizer": "adam", "weight_decay": 0.0},
+    ),
 }
 
 
@@ -437,11 +591,30 @@ def test_real_models_train(workdir, name):
     except (ImportError, AttributeError) as e:
         pytest.skip(f"model {name} not importable yet ({e})")
     kind, model, train = REAL[name]
-    ds = {"tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}}
-    write_params(workdir, {name: {"kind": kind, "dataset": "tiny", "model": model,
-                                  "train": dict({"max_steps": 24, "log_every": 4, "val_every": 12,
-                                                 "ckpt_every": 12, "lr": 1e-2}, **train)}},
-                 datasets=ds)
+    ds = {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
+    }
+    write_params(
+        workdir,
+        {
+            name: {
+                "kind": kind,
+                "dataset": "tiny",
+                "model": model,
+                "train": dict(
+                    {
+                        "max_steps": 24,
+                        "log_every": 4,
+                        "val_every": 12,
+                        "ckpt_every": 12,
+                        "lr": 1e-2,
+                    },
+                    **train,
+                ),
+            }
+        },
+        datasets=ds,
+    )
     assert cli("train", "--run", name) == 0
     rows = [r for r in read_log(workdir / "results/runs" / name) if r["split"] == "train"]
     losses = [float(r["loss"]) for r in rows]

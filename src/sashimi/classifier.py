@@ -749,6 +749,8 @@ def classify(
         batches = (x for x, _ in torch.utils.data.DataLoader(waves, batch_size=batch_size))
     with torch.no_grad():
         for x in batches:
+            if not torch.isfinite(x).all():
+                raise UserError("audio to classify contains NaN or inf samples")
             f, z = classifier.features_and_logits(x.to(dev))
             feats.append(f.double().cpu().numpy())
             logits.append(z.double().cpu().numpy())

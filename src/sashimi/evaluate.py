@@ -76,8 +76,9 @@ def merge_metrics(path: str | os.PathLike, new: dict[str, Any]) -> dict[str, Any
 
 # ============================================================================ NLL
 @torch.no_grad()
-def nll_bits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
-             progress: bool = False) -> tuple[float, int]:
+def nll_bits(
+    model: torch.nn.Module, dataset, batch_size: int, device: torch.device, progress: bool = False
+) -> tuple[float, int]:
     """(mean bits per sample, number of scored targets) of an AutoregressiveDataset, in order.
 
     Sums the cross-entropy in float64 over every non-padded target; batches are right-padded
@@ -90,43 +91,74 @@ def nll_bits(model: torch.nn.Module, dataset, batch_size: int, device: torch.dev
 
     model.eval()
     multiple = length_multiple(model)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         collate_fn=collate_autoregressive)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_autoregressive
+    )
     total, count = 0.0, 0
     for x, y in tqdm(loader, disable=not progress, leave=False, desc="nll"):
         x, y = pad_to_multiple(x, y, multiple)
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, L, 256)
-        total += float(F.cross_entropy(logits.double().flatten(0, 1), y.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits.double().flatten(0, 1),
+                y.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
         count += int((y != IGNORE_INDEX).sum())
     if count == 0:
         raise UserError("nll: the split has no targets")
     return total / count / LN2, count
 
 
-def evaluate_nll(P, run, *, checkpoint: str | os.PathLike | None, split: str, device: torch.device,
-                 batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate_nll(
+    P,
+    run,
+    *,
+    checkpoint: str | os.PathLike | None,
+    split: str,
+    device: torch.device,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     from sashimi.data.datasets import AutoregressiveDataset, load_split
     from sashimi.train import load_model
 
     model, ckpt = load_model(checkpoint or run.run_dir, map_location=device)
     n_params = sum(p.numel() for p in model.parameters())
     if ckpt.get("kind", run.kind) != "ar":
-        print(f"note: {run.key} is a {ckpt.get('kind', run.kind)} run; NLL is not defined, skipped",
-              file=sys.stderr)
+        print(
+            f"note: {run.key} is a {ckpt.get('kind', run.kind)} run; NLL is not defined, skipped",
+            file=sys.stderr,
+        )
         return {"params": n_params, "nll_note": "not defined for diffusion models"}
     ds = P.dataset_of(run.key)
     prepared = Path(ds.prepared_dir)
     if not (prepared / f"{split}.offsets.npy").is_file():
-        raise UserError(f"{prepared}: split {split!r} is not prepared (run `sashimi prepare --dataset {ds.key}`)")
-    data = AutoregressiveDataset(load_split(prepared, split), ds.quantization, ds.chunk_length,
-                                 context=int(getattr(model, "context", 0)))
+        raise UserError(
+            f"{prepared}: split {split!r} is not prepared (run `sashimi prepare --dataset {ds.key}`)"
+        )
+    data = AutoregressiveDataset(
+        load_split(prepared, split),
+        ds.quantization,
+        ds.chunk_length,
+        context=int(getattr(model, "context", 0)),
+    )
     if len(data) == 0:
-        raise UserError(f"{prepared}: split {split!r} has no items (chunk_length={ds.chunk_length})")
+        raise UserError(
+            f"{prepared}: split {split!r} has no items (chunk_length={ds.chunk_length})"
+        )
     bits, n_tokens = nll_bits(model, data, batch_size or run.train.batch_size, device, progress)
-    return {"nll_bits": bits, "nll_checkpoint": str(ckpt["path"]), "nll_step": int(ckpt.get("step", 0)),
-            "nll_split": split, "n_tokens": n_tokens, "params": n_params}
+    return {
+        "nll_bits": bits,
+        "nll_checkpoint": str(ckpt["path"]),
+        "nll_step": int(ckpt.get("step", 0)),
+        "nll_split": split,
+        "n_tokens": n_tokens,
+        "params": n_params,
+    }
 
 
 # ============================================================================ SC09
@@ -134,7 +166,9 @@ def _classifier_module():
     try:
         from sashimi import classifier
     except ImportError as e:
-        raise UserError(f"--metrics sc09 needs sashimi.classifier, which is not available ({e})") from None
+        raise UserError(
+            f"--metrics sc09 needs sashimi.classifier, which is not available ({e})"
+        ) from None
     for name in ("load_classifier", "score_samples", "score_real_split"):
         if not hasattr(classifier, name):
             raise UserError(f"--metrics sc09: sashimi.classifier has no {name}() yet")
@@ -164,7 +198,9 @@ def read_loglik(samples: Path, names: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def evaluate_sc09(P, run, *, classifier_path: Path, samples: Path | None, device: torch.device) -> dict:
+def evaluate_sc09(
+    P, run, *, classifier_path: Path, samples: Path | None, device: torch.device
+) -> dict:
     clf_mod = _classifier_module()
     samples = samples or Path(run.run_dir) / "samples"
     wavs = sorted(samples.glob("*.wav"))
@@ -174,35 +210,71 @@ def evaluate_sc09(P, run, *, classifier_path: Path, samples: Path | None, device
     loglik = read_loglik(samples, [w.name for w in wavs]) if kind == "ar" else None
     clf = clf_mod.load_classifier(classifier_path, map_location=device)
     reference = P.dataset_of(run.key).prepared_dir  # the generative model's own train split
-    res = clf_mod.score_samples(wavs, clf, reference, loglik=loglik, autoregressive=kind == "ar",
-                                cache_dir=Path("results/cache"), seed=0)
+    res = clf_mod.score_samples(
+        wavs,
+        clf,
+        reference,
+        loglik=loglik,
+        autoregressive=kind == "ar",
+        cache_dir=Path("results/cache"),
+        seed=0,
+    )
     return dict(res, sc09_classifier=str(classifier_path), sc09_reference=str(reference))
 
 
-def evaluate_real(P, dataset_key: str, split: str, *, classifier_path: Path, device: torch.device,
-                  max_clips: int | None = None) -> dict:
+def evaluate_real(
+    P,
+    dataset_key: str,
+    split: str,
+    *,
+    classifier_path: Path,
+    device: torch.device,
+    max_clips: int | None = None,
+) -> dict:
     clf_mod = _classifier_module()
     ds = P.dataset(dataset_key)
     clf = clf_mod.load_classifier(classifier_path, map_location=device)
-    res = clf_mod.score_real_split(ds.prepared_dir, split, clf, reference_dir=ds.prepared_dir,
-                                   cache_dir=Path("results/cache"), max_clips=max_clips, seed=0)
-    return dict(res, sc09_classifier=str(classifier_path), sc09_reference=str(ds.prepared_dir),
-                dataset=dataset_key, split=split)
+    res = clf_mod.score_real_split(
+        ds.prepared_dir,
+        split,
+        clf,
+        reference_dir=ds.prepared_dir,
+        cache_dir=Path("results/cache"),
+        max_clips=max_clips,
+        seed=0,
+    )
+    return dict(
+        res,
+        sc09_classifier=str(classifier_path),
+        sc09_reference=str(ds.prepared_dir),
+        dataset=dataset_key,
+        split=split,
+    )
 
 
 # ============================================================================ CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run key in params.yaml")
-    p.add_argument("--real", metavar="DATASET", help="score real clips of DATASET (e.g. sc09) instead of a run")
+    p.add_argument(
+        "--real", metavar="DATASET", help="score real clips of DATASET (e.g. sc09) instead of a run"
+    )
     p.add_argument("--metrics", default="nll", help="comma-separated: nll, sc09 (default nll)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the run's best.pt, else last.pt)")
+    p.add_argument(
+        "--checkpoint", type=Path, help="checkpoint (default: the run's best.pt, else last.pt)"
+    )
     p.add_argument("--split", default="test", help="split for nll / --real (default test)")
-    p.add_argument("--classifier", type=Path, help="digit classifier checkpoint "
-                   "(default results/runs/classifier-sc09/checkpoints/best.pt)")
+    p.add_argument(
+        "--classifier",
+        type=Path,
+        help="digit classifier checkpoint "
+        "(default results/runs/classifier-sc09/checkpoints/best.pt)",
+    )
     p.add_argument("--samples", type=Path, help="samples folder (default results/runs/RUN/samples)")
     p.add_argument("--batch-size", type=int, help="NLL batch size (default train.batch_size)")
     p.add_argument("--max-clips", type=int, help="--real: score a seeded subset of this many clips")
-    p.add_argument("--out", type=Path, help="metrics.json path (default results/runs/<run>/metrics.json)")
+    p.add_argument(
+        "--out", type=Path, help="metrics.json path (default results/runs/<run>/metrics.json)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
 
@@ -219,8 +291,14 @@ def run(args: argparse.Namespace) -> int:
     if args.real:
         if args.run:
             raise UserError("give either --run or --real, not both")
-        res = evaluate_real(P, args.real, split, classifier_path=classifier_path, device=device,
-                            max_clips=args.max_clips)
+        res = evaluate_real(
+            P,
+            args.real,
+            split,
+            classifier_path=classifier_path,
+            device=device,
+            max_clips=args.max_clips,
+        )
         out = args.out or Path("results/runs") / f"real-{split}" / "metrics.json"
         merged = merge_metrics(out, res)
         print(json.dumps({k: merged[k] for k in res}))
@@ -229,19 +307,37 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate: give --run RUN (or --real DATASET)")
     run_cfg = P.run(args.run)
     if run_cfg.kind == "classifier":
-        raise UserError(f"runs.{args.run}: use `sashimi classifier test --run {args.run}` for the classifier")
+        raise UserError(
+            f"runs.{args.run}: use `sashimi classifier test --run {args.run}` for the classifier"
+        )
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
     for m in wanted:
         if m not in METRICS:
             raise UserError(f"--metrics: unknown metric {m!r} (known: {', '.join(METRICS)})")
-    progress = not args.no_progress and sys.stderr.isatty() and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
+    progress = (
+        not args.no_progress
+        and sys.stderr.isatty()
+        and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
+    )
     res: dict[str, Any] = {}
     if "nll" in wanted:
-        res.update(evaluate_nll(P, run_cfg, checkpoint=args.checkpoint, split=split, device=device,
-                                batch_size=args.batch_size, progress=progress))
+        res.update(
+            evaluate_nll(
+                P,
+                run_cfg,
+                checkpoint=args.checkpoint,
+                split=split,
+                device=device,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+        )
     if "sc09" in wanted:
-        res.update(evaluate_sc09(P, run_cfg, classifier_path=classifier_path, samples=args.samples,
-                                 device=device))
+        res.update(
+            evaluate_sc09(
+                P, run_cfg, classifier_path=classifier_path, samples=args.samples, device=device
+            )
+        )
     out = args.out or Path(run_cfg.run_dir) / "metrics.json"
     merge_metrics(out, res)
     _track(run_cfg, res, Path(args.params).resolve().parent)
@@ -254,7 +350,10 @@ def _track(run, res: dict, root: Path) -> None:
 
     if not tracking_enabled():
         return
-    scalars = {f"eval/{k}": float(v) for k, v in res.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    scalars = {
+        f"eval/{k}": float(v)
+        for k, v in res.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     with Tracker(run.key, run_dir=run.run_dir, root=root) as tr:
         tr.log_metrics(scalars, step=int(res.get("nll_step", 0)))

@@ -36,7 +36,12 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
 
 def tracking_enabled() -> bool:
-    return os.environ.get("SASHIMI_TRACKING", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get("SASHIMI_TRACKING", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -90,8 +95,9 @@ def _code_root() -> Path:
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """HEAD's commit hash, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -106,10 +112,19 @@ class Tracker:
     ...     tr.log_metrics({"train/loss": 1.2}, step=10)
     """
 
-    def __init__(self, run_key: str, params: dict[str, Any] | None = None, *,
-                 run_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                 enabled: bool | None = None, tags: dict[str, str] | None = None, reuse: bool = True,
-                 flush_every_s: float = 10.0, flush_size: int = 200) -> None:
+    def __init__(
+        self,
+        run_key: str,
+        params: dict[str, Any] | None = None,
+        *,
+        run_dir: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+        enabled: bool | None = None,
+        tags: dict[str, str] | None = None,
+        reuse: bool = True,
+        flush_every_s: float = 10.0,
+        flush_size: int = 200,
+    ) -> None:
         self.run_key = run_key
         self.params = dict(params or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -149,8 +164,11 @@ class Tracker:
     def _fail(self, what: str, e: BaseException) -> None:
         self._failed = True
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"warning: MLflow tracking off for {self.run_key} ({what} failed: {msg[:300]}); "
-              f"training continues", file=sys.stderr)
+        print(
+            f"warning: MLflow tracking off for {self.run_key} ({what} failed: {msg[:300]}); "
+            f"training continues",
+            file=sys.stderr,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Tracker:
@@ -178,7 +196,8 @@ class Tracker:
             if exp is None:
                 try:
                     exp_id = client.create_experiment(
-                        exp_name, artifact_location=(self.root.resolve() / "mlruns").as_uri())
+                        exp_name, artifact_location=(self.root.resolve() / "mlruns").as_uri()
+                    )
                 except Exception:  # created meanwhile by another process (non-SQLite store)
                     exp = client.get_experiment_by_name(exp_name)
                     if exp is None:
@@ -223,7 +242,9 @@ class Tracker:
         from sashimi.io import write_json
 
         with contextlib.suppress(OSError):
-            write_json(self.run_dir / "mlflow_run.json", {"tracking_uri": self.uri, "run_id": run_id})
+            write_json(
+                self.run_dir / "mlflow_run.json", {"tracking_uri": self.uri, "run_id": run_id}
+            )
 
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -231,7 +252,7 @@ class Tracker:
         items = [Param(str(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow: at most 100 params per batch
             try:
-                self._client.log_batch(self.run_id, params=items[i:i + 100])
+                self._client.log_batch(self.run_id, params=items[i : i + 100])
             except Exception as e:
                 # re-logging a changed value on a resumed run is refused: keep the first values
                 if "INVALID_PARAMETER_VALUE" in str(e) or "Changing param values" in str(e):
@@ -268,7 +289,10 @@ class Tracker:
             if v is None:
                 continue
             self._buffer.append(Metric(str(k), float(v), now, int(step)))
-        if len(self._buffer) >= self.flush_size or time.monotonic() - self._last_flush > self.flush_every_s:
+        if (
+            len(self._buffer) >= self.flush_size
+            or time.monotonic() - self._last_flush > self.flush_every_s
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -276,7 +300,9 @@ class Tracker:
             return
         batch, self._buffer = self._buffer, []
         for i in range(0, len(batch), 1000):  # MLflow: at most 1000 metrics per batch
-            self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch[i:i + 1000])
+            self._call(
+                "log metrics", self._client.log_batch, self.run_id, metrics=batch[i : i + 1000]
+            )
         self._last_flush = time.monotonic()
 
     def set_tag(self, key: str, value: Any) -> None:
@@ -288,7 +314,9 @@ class Tracker:
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            self._call("log artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+            self._call(
+                "log artifact", self._client.log_artifact, self.run_id, str(path), artifact_path
+            )
 
 
 def _retryable(e: BaseException) -> bool:

@@ -136,12 +136,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     perm = np.random.default_rng([seed % 2**32, epoch]).permutation(n)  # (n,)
     if n < batch_size:
         perm = np.resize(perm, batch_size)
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(len(perm) // batch_size)]
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(len(perm) // batch_size)]
 
 
 def shard(batch: np.ndarray, dist: Dist) -> list[int]:
     """This rank's interleaved share of a global batch."""
-    return batch[dist.rank::dist.world].tolist()
+    return batch[dist.rank :: dist.world].tolist()
 
 
 def length_multiple(model: nn.Module) -> int:
@@ -150,7 +150,9 @@ def length_multiple(model: nn.Module) -> int:
     return int(m)
 
 
-def pad_to_multiple(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_to_multiple(
+    x: torch.Tensor, y: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad inputs with 128 and targets with IGNORE_INDEX to a multiple of `multiple`."""
     pad = -y.shape[1] % multiple
     if pad:
@@ -159,8 +161,13 @@ def pad_to_multiple(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[to
     return x, y
 
 
-def crop(x: torch.Tensor, y: torch.Tensor | None, context: int, length: int,
-         rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def crop(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    context: int,
+    length: int,
+    rng: np.random.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A `length`-sample window (random start when rng is given, else the first). For AR pairs
     x (B, context + L) / y (B, L) the window keeps x's `context` left tokens; for waveforms
     pass y=None and context=0."""
@@ -168,8 +175,8 @@ def crop(x: torch.Tensor, y: torch.Tensor | None, context: int, length: int,
     if L <= length:
         return x, y
     s = int(rng.integers(0, L - length + 1)) if rng is not None else 0
-    x = x[:, s:s + context + length]
-    return x, (None if y is None else y[:, s:s + length])
+    x = x[:, s : s + context + length]
+    return x, (None if y is None else y[:, s : s + length])
 
 
 # ============================================================================ optimisation
@@ -194,8 +201,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: float
         hp = getattr(p, "_optim", None)
         if isinstance(hp, dict) and hp:
             key = tuple(sorted(hp.items()))
-            g = special.setdefault(key, {"name": "optim:" + ",".join(f"{k}={v}" for k, v in key),
-                                         "params": [], "lr": lr, "weight_decay": weight_decay, **hp})
+            g = special.setdefault(
+                key,
+                {
+                    "name": "optim:" + ",".join(f"{k}={v}" for k, v in key),
+                    "params": [],
+                    "lr": lr,
+                    "weight_decay": weight_decay,
+                    **hp,
+                },
+            )
             g["params"].append(p)
         elif is_ssm_param(name):
             groups["ssm"]["params"].append(p)
@@ -220,8 +235,9 @@ def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
 def build_scheduler(opt: torch.optim.Optimizer, tc, where: str = "train"):
     """plateau: stepped with the validation loss; cosine / constant: stepped every step."""
     if tc.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.factor,
-                                                          patience=tc.patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=tc.factor, patience=tc.patience
+        )
     if tc.scheduler == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     if tc.scheduler == "cosine":
@@ -249,8 +265,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
+        "numpy": (
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ),
         "python": random.getstate(),
     }
 
@@ -284,7 +305,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         for name in ("best.pt", "last.pt", "imported.pt"):
             if (d / name).is_file():
                 return d / name
-        raise UserError(f"{d}: no checkpoint found (best.pt, last.pt or imported.pt); train the run first")
+        raise UserError(
+            f"{d}: no checkpoint found (best.pt, last.pt or imported.pt); train the run first"
+        )
     if not p.is_file():
         raise UserError(f"{p}: checkpoint not found")
     return p
@@ -301,14 +324,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:
-            raise UserError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(
+                f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]})"
+            ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise UserError(f"{path}: not a sashimi checkpoint (needs 'model' and 'model_name')")
     return ckpt
 
 
-def load_model(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
-               ) -> tuple[nn.Module, dict]:
+def load_model(
+    path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """(model in eval mode, checkpoint dict) from a checkpoint file or a run dir (best.pt, else
     last.pt, else imported.pt). `ckpt["path"]` is set to the file that was read."""
     from sashimi.models import build_model
@@ -319,8 +345,10 @@ def load_model(path_or_run_dir: str | os.PathLike, map_location: str | torch.dev
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{path}: weights do not fit model {ckpt['model_name']!r} "
+            f"({str(e).splitlines()[0][:200]})"
+        ) from None
     model.to(map_location).eval()
     ckpt["path"] = str(path)
     ckpt.setdefault("kind", getattr(model, "kind", "ar"))
@@ -339,13 +367,17 @@ def _norm(v: Any) -> Any:
 def check_compatible(ckpt: dict, run, path: Path) -> None:
     """Refuse to resume a checkpoint of another model: one line naming the differing key."""
     if ckpt.get("model_name") != run.model_name:
-        raise UserError(f"{path}: checkpoint is model {ckpt.get('model_name')!r} but runs.{run.key}.model.name "
-                        f"is {run.model_name!r}; use --no-resume to start over")
+        raise UserError(
+            f"{path}: checkpoint is model {ckpt.get('model_name')!r} but runs.{run.key}.model.name "
+            f"is {run.model_name!r}; use --no-resume to start over"
+        )
     old, new = _norm(ckpt.get("model_kwargs") or {}), _norm(run.model)
     for k in sorted(set(old) | set(new)):
         if old.get(k, "<unset>") != new.get(k, "<unset>"):
-            raise UserError(f"{path}: checkpoint has model.{k}={old.get(k, '<unset>')!r} but runs.{run.key}"
-                            f".model.{k} is {new.get(k, '<unset>')!r}; use --no-resume to start over")
+            raise UserError(
+                f"{path}: checkpoint has model.{k}={old.get(k, '<unset>')!r} but runs.{run.key}"
+                f".model.{k} is {new.get(k, '<unset>')!r}; use --no-resume to start over"
+            )
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -366,8 +398,17 @@ class NonFiniteLoss(UserError):
 class Trainer:
     """Trains one run. `fit()` returns a summary dict. Everything on disk is written by rank 0."""
 
-    def __init__(self, P, run, *, device: torch.device, dist: Dist, resume: bool | None = None,
-                 root: Path | None = None, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        P,
+        run,
+        *,
+        device: torch.device,
+        dist: Dist,
+        resume: bool | None = None,
+        root: Path | None = None,
+        progress: bool | None = None,
+    ) -> None:
         from sashimi.models import build_model
 
         self.P, self.run, self.tc = P, run, run.train
@@ -386,17 +427,23 @@ class Trainer:
             raise UserError(f"runs.{run.key}.model: {e}") from None
         model_kind = getattr(self.model, "kind", None)
         if model_kind is not None and model_kind != self.kind:
-            raise UserError(f"runs.{run.key}.kind is {self.kind!r} but model {run.model_name!r} is {model_kind!r}")
+            raise UserError(
+                f"runs.{run.key}.kind is {self.kind!r} but model {run.model_name!r} is {model_kind!r}"
+            )
         self.model.to(device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.context = int(getattr(self.model, "context", 0)) if self.kind == "ar" else 0
         self.multiple = length_multiple(self.model)
         if self.tc.tbptt:
             if "state" not in inspect.signature(self.model.forward).parameters:
-                raise UserError(f"runs.{run.key}.train.tbptt: model {run.model_name!r} has no recurrent state")
+                raise UserError(
+                    f"runs.{run.key}.train.tbptt: model {run.model_name!r} has no recurrent state"
+                )
             if self.tc.tbptt % self.multiple:
-                raise UserError(f"runs.{run.key}.train.tbptt: {self.tc.tbptt} is not a multiple of "
-                                f"the model's frame length {self.multiple}")
+                raise UserError(
+                    f"runs.{run.key}.train.tbptt: {self.tc.tbptt} is not a multiple of "
+                    f"the model's frame length {self.multiple}"
+                )
 
         self.opt = build_optimizer(self.model, self.tc)
         self.sched = build_scheduler(self.opt, self.tc, f"runs.{run.key}.train")
@@ -435,35 +482,58 @@ class Trainer:
 
         prepared = Path(self.ds.prepared_dir)
         if not (prepared / "train.offsets.npy").is_file():
-            raise UserError(f"{prepared}: dataset {self.ds.key!r} is not prepared "
-                            f"(run `sashimi prepare --dataset {self.ds.key}`)")
-        splits = {s: load_split(prepared, s) for s in ("train", "validation")
-                  if s == "train" or (prepared / f"{s}.offsets.npy").is_file()}
+            raise UserError(
+                f"{prepared}: dataset {self.ds.key!r} is not prepared "
+                f"(run `sashimi prepare --dataset {self.ds.key}`)"
+            )
+        splits = {
+            s: load_split(prepared, s)
+            for s in ("train", "validation")
+            if s == "train" or (prepared / f"{s}.offsets.npy").is_file()
+        }
         if self.kind == "ar":
-            self.train_set = AutoregressiveDataset(splits["train"], self.ds.quantization,
-                                                   self.ds.chunk_length, context=self.context)
-            self.val_set = (AutoregressiveDataset(splits["validation"], self.ds.quantization,
-                                                  self.ds.chunk_length, context=self.context)
-                            if "validation" in splits else None)
+            self.train_set = AutoregressiveDataset(
+                splits["train"], self.ds.quantization, self.ds.chunk_length, context=self.context
+            )
+            self.val_set = (
+                AutoregressiveDataset(
+                    splits["validation"],
+                    self.ds.quantization,
+                    self.ds.chunk_length,
+                    context=self.context,
+                )
+                if "validation" in splits
+                else None
+            )
         else:
             length = self.ds.clip_length or self.ds.chunk_length
             if not length:
-                raise UserError(f"datasets.{self.ds.key}: a diffusion run needs clip_length or chunk_length")
+                raise UserError(
+                    f"datasets.{self.ds.key}: a diffusion run needs clip_length or chunk_length"
+                )
             self.train_set = WaveformDataset(splits["train"], length)
-            self.val_set = WaveformDataset(splits["validation"], length) if "validation" in splits else None
+            self.val_set = (
+                WaveformDataset(splits["validation"], length) if "validation" in splits else None
+            )
         if len(self.train_set) == 0:
-            raise UserError(f"{prepared}: the train split has no items (chunk_length={self.ds.chunk_length})")
+            raise UserError(
+                f"{prepared}: the train split has no items (chunk_length={self.ds.chunk_length})"
+            )
         if self.val_set is not None and len(self.val_set) == 0:
             self.val_set = None
         if self.tc.batch_size < self.dist.world:
-            raise UserError(f"runs.{self.run.key}.train.batch_size: {self.tc.batch_size} is smaller than "
-                            f"the number of processes ({self.dist.world})")
+            raise UserError(
+                f"runs.{self.run.key}.train.batch_size: {self.tc.batch_size} is smaller than "
+                f"the number of processes ({self.dist.world})"
+            )
 
     def _loader(self, dataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         from sashimi.data.datasets import collate_autoregressive
 
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.tc.num_workers,
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.tc.num_workers,
             collate_fn=collate_autoregressive if self.kind == "ar" else None,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # never draw from the global RNG (exact resume)
@@ -471,19 +541,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward / loss
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp
+        )
 
     def _forward(self, *args, **kwargs):
         if self._compiled:
             try:
                 return self._fwd(*args, **kwargs)
             except Exception as e:  # compilation failed: eager from now on
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "training eagerly", stacklevel=2)
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    "training eagerly",
+                    stacklevel=2,
+                )
                 self._compiled, self._fwd = False, self.net
         return self._fwd(*args, **kwargs)
 
-    def _ar_batches(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _ar_batches(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The optimiser steps of one AR batch: the batch itself, or its truncated-BPTT windows."""
         x, y = pad_to_multiple(x, y, self.multiple)
         if not self.tc.tbptt:
@@ -497,7 +574,9 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.dist.all_reduce(t).tolist()
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[float, float, float] | None:
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[float, float, float] | None:
         """One optimiser step. Returns (global loss sum, global count, global samples) or None when
         the window has no targets. For AR the loss is the sum of nats over targets / global target count, times
         world (DDP averages gradients over ranks), so gradients match one process."""
@@ -517,8 +596,12 @@ class Trainer:
                     self.carried = self.model.detach_state(state)
                 else:
                     logits = self._forward(x)  # (B, L, 256)
-                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                loss_sum = F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    y.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
             else:
                 loss_sum = self._forward(x) * count  # training_loss: mean over this shard
         loss = loss_sum * (self.dist.world / total)
@@ -541,9 +624,13 @@ class Trainer:
 
     def _non_finite(self, what: str, value: float) -> None:
         last = self.ckpt_dir / "last.pt"
-        kept = f"last good checkpoint kept: {last}" if last.is_file() else "no checkpoint was written"
-        raise NonFiniteLoss(f"{self.run.key}: non-finite {what} ({value}) at step {self.step + 1}; "
-                            f"stopped without saving ({kept})")
+        kept = (
+            f"last good checkpoint kept: {last}" if last.is_file() else "no checkpoint was written"
+        )
+        raise NonFiniteLoss(
+            f"{self.run.key}: non-finite {what} ({value}) at step {self.step + 1}; "
+            f"stopped without saving ({kept})"
+        )
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -572,8 +659,14 @@ class Trainer:
                     x, y = x.to(self.device), y.to(self.device)
                     with self._autocast():
                         logits = self.model(x)  # (B, L, 256)
-                    loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                      ignore_index=IGNORE_INDEX, reduction="sum"))
+                    loss_sum += float(
+                        F.cross_entropy(
+                            logits.float().flatten(0, 1),
+                            y.flatten(),
+                            ignore_index=IGNORE_INDEX,
+                            reduction="sum",
+                        )
+                    )
                     count += float((y != IGNORE_INDEX).sum())
                 else:
                     x = batch
@@ -589,8 +682,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
-        per_rank = self.dist.gather({"rng": rng_state(),
-                                     "carried": _to(self.carried, torch.device("cpu"))})
+        per_rank = self.dist.gather(
+            {"rng": rng_state(), "carried": _to(self.carried, torch.device("cpu"))}
+        )
         return {
             "format": CKPT_FORMAT,
             "model": self.model.state_dict(),
@@ -642,18 +736,25 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if self.resume is False or not last.is_file():
             if self.resume is True and not last.is_file() and self.dist.is_main:
-                print(f"note: {last} not found; starting {self.run.key} from scratch", file=sys.stderr)
+                print(
+                    f"note: {last} not found; starting {self.run.key} from scratch", file=sys.stderr
+                )
             return False
         ckpt = load_checkpoint(last, "cpu")
         check_compatible(ckpt, self.run, last)
         if ckpt.get("kind", self.kind) != self.kind:
-            raise UserError(f"{last}: checkpoint kind {ckpt.get('kind')!r} but runs.{self.run.key}.kind "
-                            f"is {self.kind!r}; use --no-resume to start over")
+            raise UserError(
+                f"{last}: checkpoint kind {ckpt.get('kind')!r} but runs.{self.run.key}.kind "
+                f"is {self.kind!r}; use --no-resume to start over"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
-        self.batch_in_epoch, self.chunk = int(ckpt.get("batch_in_epoch", 0)), int(ckpt.get("chunk", 0))
+        self.batch_in_epoch, self.chunk = (
+            int(ckpt.get("batch_in_epoch", 0)),
+            int(ckpt.get("chunk", 0)),
+        )
         self.best_val = float(ckpt.get("best_val", math.inf))
         self.elapsed_prev = float(ckpt.get("elapsed_s", 0.0))
         ranks = ckpt.get("rank_state") or [{"rng": ckpt["rng"], "carried": None}]
@@ -686,7 +787,11 @@ class Trainer:
         rows: list[dict] = []
         if resumed and log.is_file():  # drop rows a killed run wrote after its last checkpoint
             with open(log, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("step", "").isdigit() and int(r["step"]) <= self.step
+                ]
         else:
             for old in self.ckpt_dir.glob("step-*.pt"):  # fresh start: no stale checkpoints
                 old.unlink()
@@ -703,10 +808,15 @@ class Trainer:
             return
         bits = loss / LN2 if self.kind == "ar" else None
         lr = self.opt.param_groups[0]["lr"]
-        row = {"step": self.step, "split": split, "loss": f"{loss:.6f}",
-               "bits_per_sample": "" if bits is None else f"{bits:.6f}", "lr": f"{lr:.6g}",
-               "tokens_per_s": "" if count_per_s is None else f"{count_per_s:.1f}",
-               "elapsed_s": f"{self.elapsed():.2f}"}
+        row = {
+            "step": self.step,
+            "split": split,
+            "loss": f"{loss:.6f}",
+            "bits_per_sample": "" if bits is None else f"{bits:.6f}",
+            "lr": f"{lr:.6g}",
+            "tokens_per_s": "" if count_per_s is None else f"{count_per_s:.1f}",
+            "elapsed_s": f"{self.elapsed():.2f}",
+        }
         with open(self.run_dir / "train_log.csv", "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
         if self.tracker is not None:
@@ -732,20 +842,39 @@ class Trainer:
         if self.dist.is_main:
             from sashimi.tracking import Tracker
 
-            self.tracker = Tracker(self.run.key, dict(self.P.flat(self.run.key), n_params=self.n_params),
-                                   run_dir=self.run_dir, root=self.root, reuse=resumed,
-                                   tags={"kind": self.kind, "model_name": self.run.model_name}).start()
+            self.tracker = Tracker(
+                self.run.key,
+                dict(self.P.flat(self.run.key), n_params=self.n_params),
+                run_dir=self.run_dir,
+                root=self.root,
+                reuse=resumed,
+                tags={"kind": self.kind, "model_name": self.run.model_name},
+            ).start()
 
         show = self.progress
         if show is None:
             show = sys.stderr.isatty() and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
-        bar = tqdm(total=max_steps, initial=self.step, desc=self.run.key, unit="step", dynamic_ncols=True,
-                   disable=not (show and self.dist.is_main), leave=False)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            desc=self.run.key,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (show and self.dist.is_main),
+            leave=False,
+        )
         if self.dist.is_main and resumed:
-            print(f"resuming {self.run.key} from step {self.step} (epoch {self.epoch})", file=sys.stderr)
+            print(
+                f"resuming {self.run.key} from step {self.step} (epoch {self.epoch})",
+                file=sys.stderr,
+            )
 
-        lines = (self.dist.is_main and bar.disable and self.progress is not False
-                 and os.environ.get("SASHIMI_PROGRESS", "1") != "0")  # plain lines for logs
+        lines = (
+            self.dist.is_main
+            and bar.disable
+            and self.progress is not False
+            and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
+        )  # plain lines for logs
         win_sum, win_count, win_tokens, win_t0 = 0.0, 0.0, 0.0, time.monotonic()
         val = None
         stop = self._budget_reached(max_steps, max_s)
@@ -758,7 +887,9 @@ class Trainer:
                     self.epoch, self.batch_in_epoch, self.chunk = self.epoch + 1, 0, 0
                     continue
                 start = self.batch_in_epoch
-                loader = self._loader(self.train_set, [shard(b, self.dist) for b in batches[start:]])
+                loader = self._loader(
+                    self.train_set, [shard(b, self.dist) for b in batches[start:]]
+                )
                 for bi, batch in enumerate(loader, start=start):
                     crop_rng = np.random.default_rng([self.seed, self.epoch, bi, 17])
                     if self.kind == "ar":
@@ -776,7 +907,9 @@ class Trainer:
                     for ci in range(self.chunk, len(windows)):
                         out = self._train_step(*windows[ci])
                         last_window = ci + 1 == len(windows)
-                        self.batch_in_epoch, self.chunk = (bi + 1, 0) if last_window else (bi, ci + 1)
+                        self.batch_in_epoch, self.chunk = (
+                            (bi + 1, 0) if last_window else (bi, ci + 1)
+                        )
                         if out is None:
                             continue
                         self.step += 1
@@ -795,11 +928,16 @@ class Trainer:
                             postfix["tok/s"] = f"{win_tokens / dt:.0f}"
                             bar.set_postfix(postfix)
                             if lines:
-                                print(f"{self.run.key} step {self.step}: " +
-                                      " ".join(f"{k} {v}" for k, v in postfix.items()), file=sys.stderr)
+                                print(
+                                    f"{self.run.key} step {self.step}: "
+                                    + " ".join(f"{k} {v}" for k, v in postfix.items()),
+                                    file=sys.stderr,
+                                )
                             win_sum, win_count, win_tokens, win_t0 = 0.0, 0.0, 0.0, time.monotonic()
                         best = False
-                        if self.step % tc.val_every == 0 or (stop and self.last_val_step != self.step):
+                        if self.step % tc.val_every == 0 or (
+                            stop and self.last_val_step != self.step
+                        ):
                             val = self.validate()
                             self.last_val_step = self.step
                             if val is not None:
@@ -832,10 +970,15 @@ class Trainer:
             bar.close()
             if self.tracker is not None:
                 self.tracker.close(status)
-        summary = {"run": self.run.key, "step": self.step, "epoch": self.epoch,
-                   "best_val": None if math.isinf(self.best_val) else self.best_val,
-                   "elapsed_s": round(self.elapsed(), 2), "checkpoint": str(self.ckpt_dir / "last.pt"),
-                   "n_params": self.n_params}
+        summary = {
+            "run": self.run.key,
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "elapsed_s": round(self.elapsed(), 2),
+            "checkpoint": str(self.ckpt_dir / "last.pt"),
+            "n_params": self.n_params,
+        }
         if self.kind == "ar" and summary["best_val"] is not None:
             summary["best_val_bits"] = summary["best_val"] / LN2
         return summary
@@ -867,13 +1010,24 @@ class DiffusionLoss(nn.Module):
 
 # ============================================================================ CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", "--key", dest="run", required=True,
-                   help="run key in params.yaml (e.g. sashimi-sc09); spell it --key under torchrun, "
-                        "whose own parser claims --run")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                   help="continue from checkpoints/last.pt (default: when it exists)")
+    p.add_argument(
+        "--run",
+        "--key",
+        dest="run",
+        required=True,
+        help="run key in params.yaml (e.g. sashimi-sc09); spell it --key under torchrun, "
+        "whose own parser claims --run",
+    )
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue from checkpoints/last.pt (default: when it exists)",
+    )
     p.add_argument("--max-steps", type=int, help="override train.max_steps (total, over resumes)")
-    p.add_argument("--max-minutes", type=float, help="override train.max_minutes (total, over resumes)")
+    p.add_argument(
+        "--max-minutes", type=float, help="override train.max_minutes (total, over resumes)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
@@ -893,16 +1047,24 @@ def run(args: argparse.Namespace) -> int:
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes
     if overrides:
-        run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, **overrides))
+        run_cfg = dataclasses.replace(
+            run_cfg, train=dataclasses.replace(run_cfg.train, **overrides)
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist = init_distributed(device)
     try:
-        trainer = Trainer(P, run_cfg, device=device, dist=dist, resume=args.resume,
-                          root=Path(args.params).resolve().parent,
-                          progress=False if args.no_progress else None)
+        trainer = Trainer(
+            P,
+            run_cfg,
+            device=device,
+            dist=dist,
+            resume=args.resume,
+            root=Path(args.params).resolve().parent,
+            progress=False if args.no_progress else None,
+        )
         summary = trainer.fit()
     finally:
         if dist.enabled and torch.distributed.is_initialized():

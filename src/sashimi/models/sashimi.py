@@ -27,6 +27,7 @@ weight_v), so `sashimi.import_checkpoint` only renames a few keys.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -454,6 +455,8 @@ class _NotFusable(Exception):
 
 
 _MAX_MODAL_COND = 1e10  # as S4Block: above this the float64 modal step loses accuracy
+# Inductor options for the compiled stage steps (env SASHIMI_STEP_CPP_WRAPPER=1: C++ wrapper, less per-call overhead)
+_COMPILE_OPTIONS: dict = {"cpp_wrapper": os.environ.get("SASHIMI_STEP_CPP_WRAPPER") == "1"}
 
 
 def _fused_chain_step(x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu: bool) -> tuple[Tensor, Tensor]:
@@ -574,7 +577,7 @@ class _Stepper:
 
     def _compile(self) -> None:
         def wrap(fn: Callable) -> Callable:
-            compiled = torch.compile(fn, dynamic=False)
+            compiled = torch.compile(fn, dynamic=False, options=_COMPILE_OPTIONS)
             fallback = [False]
 
             def call(*args):

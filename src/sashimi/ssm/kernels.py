@@ -183,6 +183,32 @@ def _cauchy_fused(
     return re, im
 
 
+def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """k^ = (c + i s) [rho_00 - c rho_01 rho_10 / (1 + c rho_11)] in real arithmetic.
+
+    re, im: (M, H, K) with M = 2 (ch + 1), rows ordered (B C~_0 .. B C~_{ch-1}, B Q, P C~_0 .., P Q);
+    c, s: (K,). Returns Re, Im of k^: (ch, H, K) each.
+    """
+    ch = re.shape[0] // 2 - 1
+    r00r, r00i = re[:ch], im[:ch]  # (ch, H, K)
+    r01r, r01i = re[ch], im[ch]  # (H, K)
+    r10r, r10i = re[ch + 1 : 2 * ch + 1], im[ch + 1 : 2 * ch + 1]  # (ch, H, K)
+    dr, di = 1 + c * re[-1], c * im[-1]  # 1 + c rho_11, (H, K)
+    nr = r01r * r10r - r01i * r10i  # rho_01 rho_10
+    ni = r01r * r10i + r01i * r10r
+    scale = c / (dr * dr + di * di)
+    tr = r00r - scale * (nr * dr + ni * di)  # rho_00 - c rho_01 rho_10 / (1 + c rho_11)
+    ti = r00i - scale * (ni * dr - nr * di)
+    return c * tr - s * ti, c * ti + s * tr  # times (c + i s)
+
+
+def _generating_function_fused(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Cauchy sums and Woodbury in one graph, so Inductor fuses the forward and the backward."""
+    return _woodbury_real(*_cauchy_fused(vr, vi, wr, wi, c, s), c, s)
+
+
 def _cauchy_chunk_matmul(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -269,11 +295,13 @@ _INDUCTOR_OPTIONS = {
 }
 
 
-def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
+def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
     """Run the fused form under torch.compile; None (and a one-time warning) if compilation fails."""
     global _compiled_fn, _compile_broken
     if _compiled_fn is None:
-        _compiled_fn = torch.compile(_cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS)
+        _compiled_fn = torch.compile(
+            _generating_function_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
+        )
     # H and K vary between calls (one compiled graph for all of them); M and N2 stay static.
     for x, dim in zip(args, (1, 1, 0, 0, 0, 0), strict=True):
         torch._dynamo.maybe_mark_dynamic(x, dim)
@@ -287,30 +315,35 @@ def _cauchy_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "torch") -> Tensor:
-    """rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k) without materialising (M, H, K, N2).
+    """rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k), eagerly in chunks.
 
     v: (M, H, N2) complex numerators; dtA: (H, N2) complex poles w (Re w < 0); c, s: (K,) nodes
-    from :func:`frequency_nodes`. Returns (M, H, K) complex.
+    from :func:`frequency_nodes`. Returns (M, H, K) complex; (M, H, K, N2) is never materialised.
     """
-    vr, vi, wr, wi = (x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag))
-    args = (vr, vi, wr, wi, c, s)
+    args = [x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag)] + [c, s]
+    return torch.complex(*(_cauchy_keops if backend == "keops" else _cauchy_eager)(*args))
+
+
+def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str) -> Tensor:
+    """K^ at the nodes (c, s): Cauchy sums (compiled and fused when enabled) then rank-1 Woodbury.
+
+    v: (M, H, N2) complex with M = 2 (ch + 1) as in :func:`_woodbury_real`; dtA: (H, N2).
+    Returns (ch, H, K) complex.
+    """
+    args = [x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag)] + [c, s]
     out = None
-    if backend == "keops":
-        out = _cauchy_keops(*args)
-    elif compile_enabled(dtA.numel() * c.numel()):
-        out = _cauchy_compiled(*args)
+    if backend == "torch" and compile_enabled(dtA.numel() * c.numel()):
+        out = _generating_function_compiled(*args)
     if out is None:
-        out = _cauchy_eager(*args)
+        rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
+        out = _woodbury_real(rho.real, rho.imag, c, s)
     return torch.complex(*out)
 
 
 def _kernel_fast(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str) -> Tensor:
     """Kernel through the c-scaled Cauchy sums (exact at the Nyquist node). Shapes as in :func:`_kernel_naive`."""
     c, s = frequency_nodes(L, dtA.real.dtype, dtA.device)  # (K,)
-    v = Bs * Cs  # (2, c+1, H, N2)
-    rho = cauchy_dplr(v.flatten(0, 1), dtA, c, s, backend).view(*v.shape[:-1], -1)  # (2, c+1, H, K)
-    k_f = rho[0, :-1] - c * rho[0, -1:] * rho[1, :-1] / (1 + c * rho[1, -1:])  # Woodbury, (c, H, K)
-    k_f = k_f * torch.complex(c, s)  # 2/(1+omega) times the c-scaling of r
+    k_f = generating_function((Bs * Cs).flatten(0, 1), dtA, c, s, backend)  # (c, H, K)
     return torch.fft.irfft(k_f, n=L)  # (c, H, L)
 
 
