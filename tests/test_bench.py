@@ -27,7 +27,9 @@ def test_bench_train_with_naive(capsys, tmp_path):
     for k in ("seconds_per_step", "peak_rss_mb", "params", "device", "model", "batch", "length",
               "naive_seconds_per_step", "speedup"):  # fmt: skip
         assert k in r, k
-    assert r["model"] == "sashimi" and r["batch"] == 2 and r["length"] == 64 and r["device"] == "cpu"
+    assert (
+        r["model"] == "sashimi" and r["batch"] == 2 and r["length"] == 64 and r["device"] == "cpu"
+    )
     assert r["seconds_per_step"] > 0 and r["params"] > 0
     assert json.loads(out.read_text()) == r
 
@@ -35,10 +37,19 @@ def test_bench_train_with_naive(capsys, tmp_path):
 def test_bench_generate_sashimi_with_naive(capsys):
     r = _run(["bench", "generate", "--model", "sashimi", "--model-kwargs", TINY_SASHIMI, "--batch", "2",
               "--steps", "20", "--no-compile", "--naive", "--naive-steps", "5"], capsys)  # fmt: skip
-    for k in ("seconds_per_step", "realtime_factor", "steps", "naive_seconds_per_step", "speedup", "naive"):
+    for k in (
+        "seconds_per_step",
+        "realtime_factor",
+        "steps",
+        "naive_seconds_per_step",
+        "speedup",
+        "naive",
+    ):
         assert k in r, k
     assert r["steps"] == 20 and r["compiled"] is False
-    assert r["realtime_factor"] == pytest.approx(2 * 20 / 16000 / (r["seconds_per_step"] * 20), rel=1e-2)
+    assert r["realtime_factor"] == pytest.approx(
+        2 * 20 / 16000 / (r["seconds_per_step"] * 20), rel=1e-2
+    )
 
 
 def test_bench_generate_wavenet_naive(capsys):
@@ -48,10 +59,15 @@ def test_bench_generate_wavenet_naive(capsys):
 
 
 def test_bench_sample_diffwave(capsys):
-    kw = json.dumps({"res_channels": 4, "skip_channels": 4, "num_res_layers": 2, "dilation_cycle": 2})
+    kw = json.dumps(
+        {"res_channels": 4, "skip_channels": 4, "num_res_layers": 2, "dilation_cycle": 2}
+    )
     r = _run(["bench", "sample", "--model", "diffwave", "--model-kwargs", kw, "--length", "64",
               "--fast-steps", "2", "--ancestral-estimate"], capsys)  # fmt: skip
-    assert r["seconds_per_clip_fast"] > 0 and r["seconds_per_clip_ancestral"] > r["seconds_per_clip_fast"]
+    assert (
+        r["seconds_per_clip_fast"] > 0
+        and r["seconds_per_clip_ancestral"] > r["seconds_per_clip_fast"]
+    )
     assert r["ancestral_steps"] == 200
 
 

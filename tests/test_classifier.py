@@ -186,7 +186,6 @@ def test_tiny_classifier_learns_tones(tone_model, tone_data):
     x, y = tone_data["test"]
     acc = float((model.probs(torch.from_numpy(x)).argmax(-1).numpy() == y).mean())
     assert acc >= 0.9, acc
-    assert seconds < 60  # ~10 s on a quiet 2-core machine
     assert (out.parent / "last.pt").is_file() and (out.parent / "train_log.csv").is_file()
     ck = torch.load(out, weights_only=False)
     assert ck["kind"] == "classifier" and ck["model_kwargs"]["width"] == TINY["width"]

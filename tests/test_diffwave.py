@@ -364,7 +364,6 @@ def test_short_training_lowers_the_loss(kw):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert time.time() - start < 10
     with torch.no_grad():
         after = model.training_loss(x_eval, t=t_eval, noise=z_eval).item()
     assert after < 0.7 * before, (before, after)

@@ -133,7 +133,9 @@ def test_v2_layout_converts_to_the_same_model(fx):
         torch.testing.assert_close(v2[k].double(), v4[k].double(), atol=1e-6, rtol=1e-5)
     # agrees with the S4 layer's own v3 converter
     pre = "model.c_layers.0.layer.kernel.kernel."
-    theirs = convert_v3_kernel_state({k: v for k, v in _to_v2(_sd(fx)).items() if k.startswith(pre)})
+    theirs = convert_v3_kernel_state(
+        {k: v for k, v in _to_v2(_sd(fx)).items() if k.startswith(pre)}
+    )
     for name, v in theirs.items():
         torch.testing.assert_close(v2[f"c_layers.0.layer.kernel.{name}"], v)
     x = fx["x"][:, :64]
@@ -176,7 +178,9 @@ def test_cli_writes_trainer_checkpoint(fx, tmp_path, capsys):
     assert "111,128 parameters" in capsys.readouterr().out
     ck = torch.load(out, weights_only=True)
     assert {"model", "model_name", "model_kwargs", "kind", "step", "config"} <= ck.keys()
-    assert ck["model_name"] == "sashimi" and ck["kind"] == "ar" and ck["model_kwargs"]["glu"] is True
+    assert (
+        ck["model_name"] == "sashimi" and ck["kind"] == "ar" and ck["model_kwargs"]["glu"] is True
+    )
     assert ck["best_val"] == math.inf
     from sashimi.models import build_model
 
@@ -188,7 +192,18 @@ def test_cli_writes_trainer_checkpoint(fx, tmp_path, capsys):
 
 
 def test_cli_errors(fx, tmp_path, capsys):
-    assert main(["import-checkpoint", "--src", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert (
+        main(
+            [
+                "import-checkpoint",
+                "--src",
+                str(tmp_path / "nope.pt"),
+                "--out",
+                str(tmp_path / "o.pt"),
+            ]
+        )
+        == 2
+    )
     assert "nope.pt: file not found" in capsys.readouterr().err
     src = tmp_path / "official.pt"
     torch.save(_sd(fx), src)
@@ -211,9 +226,37 @@ def test_cli_config_from_run(fx, tmp_path, capsys, monkeypatch):
     torch.save(_sd(fx), src)
     monkeypatch.chdir(tmp_path)
     bad = _params(tmp_path, d_model=64, n_layers=2, glu=True)
-    assert main(["--params", bad, "import-checkpoint", "--src", str(src), "--config-from-run", "sashimi-sc09"]) == 2
+    assert (
+        main(
+            [
+                "--params",
+                bad,
+                "import-checkpoint",
+                "--src",
+                str(src),
+                "--config-from-run",
+                "sashimi-sc09",
+            ]
+        )
+        == 2
+    )
     assert "model.d_model: 64 does not match the checkpoint (16)" in capsys.readouterr().err
     good = _params(tmp_path, d_model=16, n_layers=2, glu=True)
-    assert main(["--params", good, "import-checkpoint", "--src", str(src), "--config-from-run", "sashimi-sc09"]) == 0
-    ck = torch.load(tmp_path / "results/runs/sashimi-sc09/checkpoints/imported.pt", weights_only=True)
+    assert (
+        main(
+            [
+                "--params",
+                good,
+                "import-checkpoint",
+                "--src",
+                str(src),
+                "--config-from-run",
+                "sashimi-sc09",
+            ]
+        )
+        == 0
+    )
+    ck = torch.load(
+        tmp_path / "results/runs/sashimi-sc09/checkpoints/imported.pt", weights_only=True
+    )
     assert ck["config"]["key"] == "sashimi-sc09" and ck["model_kwargs"]["dropout"] == 0.0

@@ -208,13 +208,13 @@ def test_mis_draws_equal_the_official_loop():
 def test_mis_against_loop_and_exact():
     from scipy.stats import entropy
 
-    p = _probs(150, seed=9)
+    p = _probs(60, seed=9)
     rs = np.random.RandomState(0)
     kls = []
-    for _ in range(3000):
+    for _ in range(2000):
         i, j = rs.choice(len(p), size=2, replace=True)
         kls.append(entropy(p[i], p[j]))
-    assert M.modified_inception_score(p, n=3000) == pytest.approx(
+    assert M.modified_inception_score(p, n=2000) == pytest.approx(
         float(np.exp(np.mean(kls))), rel=1e-12
     )
     # exact mean over all ordered pairs: brute force

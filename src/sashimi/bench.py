@@ -44,8 +44,14 @@ SAMPLE_RATE = 16000
 # Paper-size constructor kwargs per registered model (None: the class defaults are the paper's).
 PAPER_KWARGS: dict[str, dict] = {
     "sashimi": dict(d_model=64, n_layers=8, pool=[4, 4], expand=2, ff=2, glu=True),
-    "wavenet": dict(layers=10, blocks=4, residual_channels=64, dilation_channels=64,
-                    skip_channels=1024, end_channels=512),  # fmt: skip
+    "wavenet": dict(
+        layers=10,
+        blocks=4,
+        residual_channels=64,
+        dilation_channels=64,
+        skip_channels=1024,
+        end_channels=512,
+    ),  # fmt: skip
     "samplernn": dict(frame_sizes=[8, 2, 2], n_rnn=1, d_hidden=1024, d_model=256),
     "diffwave": dict(backbone="wavenet"),
 }
@@ -137,7 +143,9 @@ def _common(args, device: torch.device, model_name: str) -> dict:
 def _train_step_fn(model, args, device) -> Callable[[], float]:
     context = int(getattr(model, "context", 0))
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.batch, context + args.length), generator=g).to(device)  # (B, ctx + L)
+    x = torch.randint(0, 256, (args.batch, context + args.length), generator=g).to(
+        device
+    )  # (B, ctx + L)
     y = torch.randint(0, 256, (args.batch, args.length), generator=g).to(device)  # (B, L)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
@@ -168,7 +176,9 @@ def bench_train(args) -> dict:
         res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if args.naive:
         if args.model != "sashimi":
-            raise UserError(f"bench train --naive: no naive reference for {args.model!r} (only sashimi)")
+            raise UserError(
+                f"bench train --naive: no naive reference for {args.model!r} (only sashimi)"
+            )
         naive = _build(args.model, args.model_kwargs, device, backend="naive")
         naive.load_state_dict(model.state_dict())
         del model
@@ -187,7 +197,9 @@ def _sample_tokens(logits, g) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=g).squeeze(-1)  # (B,)
 
 
-def _generate_loop(step: Callable, state, batch: int, n: int, device) -> tuple[Callable[[], None], list]:
+def _generate_loop(
+    step: Callable, state, batch: int, n: int, device
+) -> tuple[Callable[[], None], list]:
     """A closure running n autoregressive steps (sampling included) from the carried state."""
     g = torch.Generator(device=device).manual_seed(0)
     box = [torch.full((batch,), 128, dtype=torch.long, device=device), state]
@@ -233,11 +245,15 @@ def bench_generate(args) -> dict:
     warm = args.warmup if args.warmup is not None else (64 if compile_ else 16)
     t0 = time.perf_counter()
     with torch.no_grad():
-        run, _ = _generate_loop(model.step, model.default_state(args.batch, device=device), args.batch, warm, device)
+        run, _ = _generate_loop(
+            model.step, model.default_state(args.batch, device=device), args.batch, warm, device
+        )
         run()
         _sync(device)
     res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
-    run, _ = _generate_loop(model.step, model.default_state(args.batch, device=device), args.batch, args.steps, device)
+    run, _ = _generate_loop(
+        model.step, model.default_state(args.batch, device=device), args.batch, args.steps, device
+    )
     with torch.no_grad():
         (elapsed,) = _time(run, 1, 0, device)
     res.update(seconds_per_step=elapsed / args.steps, peak_rss_mb=round(peak_rss_mb(), 1),
@@ -257,7 +273,9 @@ def bench_generate(args) -> dict:
             default_state, step = _prefix_step(model)
         else:
             raise UserError(f"bench generate --naive: no naive reference for {args.model!r}")
-        run, _ = _generate_loop(step, default_state(args.batch, device=device), args.batch, nsteps, device)
+        run, _ = _generate_loop(
+            step, default_state(args.batch, device=device), args.batch, nsteps, device
+        )
         with torch.no_grad():
             (nelapsed,) = _time(run, 1, 0, device)
         res.update(naive_steps=nsteps, naive_seconds_per_step=nelapsed / nsteps,
@@ -282,7 +300,9 @@ def bench_sample(args) -> dict:
     device = _device(args.device)
     model = _build(args.model, args.model_kwargs, device, backbone=args.backbone).eval()
     res = _common(args, device, f"diffwave-{args.backbone}")
-    res.update(batch=args.batch, length=args.length, params=_n_params(model), fast_steps=args.fast_steps)
+    res.update(
+        batch=args.batch, length=args.length, params=_n_params(model), fast_steps=args.fast_steps
+    )
     T = int(model.T)
     g = torch.Generator(device=device)
 
@@ -291,13 +311,19 @@ def bench_sample(args) -> dict:
             (t,) = _time(fn, 1, 0, device)
         return t
 
-    t_fast = timed(lambda: sample_fast(model, args.batch, args.length, args.fast_steps, generator=g.manual_seed(0)))
+    t_fast = timed(
+        lambda: sample_fast(
+            model, args.batch, args.length, args.fast_steps, generator=g.manual_seed(0)
+        )
+    )
     per_call = t_fast / args.fast_steps
     if args.ancestral_estimate:
         t_anc = per_call * T  # the sampler's own arithmetic is negligible next to a network call
         res["ancestral_method"] = f"estimated: {T} x the fast sampler's seconds per network call"
     else:
-        t_anc = timed(lambda: sample_ancestral(model, args.batch, args.length, generator=g.manual_seed(0)))
+        t_anc = timed(
+            lambda: sample_ancestral(model, args.batch, args.length, generator=g.manual_seed(0))
+        )
         res["ancestral_method"] = "measured"
     res.update(
         seconds_per_clip_ancestral=t_anc / args.batch,
@@ -321,11 +347,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     def common(q: argparse.ArgumentParser, model_default: str) -> None:
         q.add_argument("--model", default=model_default, help="registered model name")
-        q.add_argument("--model-kwargs", help="JSON object overriding the paper-size constructor kwargs")
+        q.add_argument(
+            "--model-kwargs", help="JSON object overriding the paper-size constructor kwargs"
+        )
         q.add_argument("--batch", type=int, default=1)
         q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         q.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-        q.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+        q.add_argument(
+            "--threads", type=int, help="torch.set_num_threads (default: torch's choice)"
+        )
         q.add_argument("--out", help="also write the JSON to this file")
 
     t = sub.add_parser("train", help="seconds per AdamW training step on synthetic tokens")
@@ -345,7 +375,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="SaShiMi: eager stage steps instead of torch.compile")  # fmt: skip
     g.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
                    help="also time the naive step")  # fmt: skip
-    g.add_argument("--naive-steps", type=int, help="steps for the naive reference (default --steps)")
+    g.add_argument(
+        "--naive-steps", type=int, help="steps for the naive reference (default --steps)"
+    )
 
     s = sub.add_parser("sample", help="seconds per clip: full ancestral vs fast diffusion sampler")
     common(s, "diffwave")

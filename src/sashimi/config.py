@@ -40,8 +40,8 @@ SCHEMA_PATH = ROOT / "workflow" / "schemas" / "params.schema.yaml"
 class DatasetConfig:
     key: str
     format: str  # how `sashimi prepare` reads it: sc09 | beethoven | youtubemix | fsdd | folder | synth-*
-    download: str | None  # what `sashimi download` fetches (None: generated or local)
     quantization: str  # mu-law | linear
+    download: str | None = None  # what `sashimi download` fetches (None: generated or local)
     sample_rate: int = 16000
     chunk_length: int | None = None  # None: whole clips (SC09); else fixed chunks (music)
     clip_length: int | None = None  # pad/trim length for diffusion and the classifier (SC09: 16000)

@@ -59,7 +59,9 @@ def _s4_key(rest: str, value: Tensor) -> tuple[str, Tensor] | None:
     m = re.fullmatch(r"kernel\.kernel\.(\w+)", rest)  # v2 / v3
     if m:
         name = m[1]
-        if name == "log_dt":  # (H,) with dt = exp(log_dt) -> inv_dt (H, 1) with dt = softplus(inv_dt)
+        if (
+            name == "log_dt"
+        ):  # (H,) with dt = exp(log_dt) -> inv_dt (H, 1) with dt = softplus(inv_dt)
             dt = value.double().exp()
             inv_dt = dt + torch.log(-torch.expm1(-dt))  # log(exp(dt) - 1), stable for small dt
             return "kernel.inv_dt", inv_dt.to(value.dtype).reshape(-1, 1)
@@ -83,7 +85,9 @@ def _unwrap(obj: Any, src: str) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # Lightning .ckpt
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise UserError(f"{src}: not a state dict (expected a mapping of parameter names to tensors)")
+        raise UserError(
+            f"{src}: not a state dict (expected a mapping of parameter names to tensors)"
+        )
     out = {}
     for k, v in obj.items():
         if not torch.is_tensor(v):
@@ -92,7 +96,9 @@ def _unwrap(obj: Any, src: str) -> dict[str, Tensor]:
     return out
 
 
-def convert_state_dict(sd: Mapping[str, Tensor], src: str = "state dict") -> tuple[dict[str, Tensor], dict]:
+def convert_state_dict(
+    sd: Mapping[str, Tensor], src: str = "state dict"
+) -> tuple[dict[str, Tensor], dict]:
     """Official SaShiMi state dict -> (our state dict, SaShiMi constructor kwargs)."""
     sd = _unwrap(sd, src)
     out: dict[str, Tensor] = {}
@@ -127,7 +133,9 @@ def _convert_key(k: str, v: Tensor) -> tuple[str, Tensor] | None:
     if m:
         return k, v
     # pools: d_layers.i.linear.* (unet: d_layers also holds blocks) / u_layers.j.0.linear.*
-    m = re.fullmatch(r"((?:d_layers\.\d+)|(?:u_layers\.\d+\.0))\.linear\.(?:conv\.)?(weight_g|weight_v|bias)", k)
+    m = re.fullmatch(
+        r"((?:d_layers\.\d+)|(?:u_layers\.\d+\.0))\.linear\.(?:conv\.)?(weight_g|weight_v|bias)", k
+    )
     if m:
         return f"{m[1]}.linear.{m[2]}", _squeeze_conv(v)
     m = re.fullmatch(r"((?:c_layers\.\d+)|(?:u_layers\.\d+\.\d+)|(?:d_layers\.\d+))\.(.+)", k)
@@ -155,7 +163,9 @@ def infer_kwargs(sd: Mapping[str, Tensor], src: str = "state dict") -> dict:
         n_classes, H = sd["embedding.weight"].shape
         pools, expand = [], None
         i = 0
-        while f"d_layers.{i}.linear.weight_v" in sd or any(k.startswith(f"d_layers.{i}.") for k in sd):
+        while f"d_layers.{i}.linear.weight_v" in sd or any(
+            k.startswith(f"d_layers.{i}.") for k in sd
+        ):
             if f"d_layers.{i}.linear.weight_v" in sd:
                 d_out, d_in = sd[f"d_layers.{i}.linear.weight_v"].shape
                 h = H * (expand or 1) ** len(pools)
@@ -174,7 +184,9 @@ def infer_kwargs(sd: Mapping[str, Tensor], src: str = "state dict") -> dict:
         n_ssm, n2 = sd[s4 + "kernel.A_real"].shape
         channels = sd[s4 + "kernel.C"].shape[0]
     except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise UserError(f"{src}: cannot infer the SaShiMi size from the shapes (missing/odd key {e})") from None
+        raise UserError(
+            f"{src}: cannot infer the SaShiMi size from the shapes (missing/odd key {e})"
+        ) from None
     kwargs = dict(
         d_model=int(H), n_layers=int(n_layers), pool=[int(p) for p in pools], expand=int(expand),
         ff=int(ff), glu=bool(glu), d_state=int(2 * n2), bidirectional=channels == 2, unet=bool(unet),
@@ -202,7 +214,9 @@ def load_into_model(our_sd: Mapping[str, Tensor], kwargs: dict, src: str = "stat
         raise UserError(f"{src}: does not fit SaShiMi({_fmt(kwargs)}): {'; '.join(parts)}")
     for k, v in our_sd.items():
         if own[k].shape != v.shape:
-            raise UserError(f"{src}: {k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
+            raise UserError(
+                f"{src}: {k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}"
+            )
     model.load_state_dict(our_sd, strict=True)
     return model
 
@@ -229,30 +243,42 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--src", required=True, help="official checkpoint (.ckpt with 'state_dict', or .pt)")
+    p.add_argument(
+        "--src", required=True, help="official checkpoint (.ckpt with 'state_dict', or .pt)"
+    )
     p.add_argument("--out", help="output checkpoint (default with --config-from-run: "
                    "results/runs/RUN/checkpoints/imported.pt)")  # fmt: skip
     p.add_argument("--config-from-run", metavar="RUN",
                    help="take model kwargs and config from this run of params.yaml (checked against the shapes)")  # fmt: skip
-    p.add_argument("--dropout", type=float, help="model dropout (not stored in the weights; default 0)")
+    p.add_argument(
+        "--dropout", type=float, help="model dropout (not stored in the weights; default 0)"
+    )
     p.add_argument("--backend", help="S4 kernel backend for the built model (default auto)")
 
 
 def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
     our_sd, kwargs = convert_state_dict(read_checkpoint(src), str(src))
-    config: dict = {"model": dict(name=MODEL_NAME, **kwargs), "kind": "ar", "imported_from": str(src)}
+    config: dict = {
+        "model": dict(name=MODEL_NAME, **kwargs),
+        "kind": "ar",
+        "imported_from": str(src),
+    }
     out = args.out
     if args.config_from_run:
         from sashimi.config import load_params
 
         run_cfg = load_params(args.params).run(args.config_from_run)
         if run_cfg.model_name != MODEL_NAME:
-            raise UserError(f"runs.{run_cfg.key}: model {run_cfg.model_name!r} is not {MODEL_NAME!r}")
+            raise UserError(
+                f"runs.{run_cfg.key}: model {run_cfg.model_name!r} is not {MODEL_NAME!r}"
+            )
         for k, v in kwargs.items():  # every shape-determining kwarg must agree
             have = run_cfg.model.get(k)
             if have is not None and _norm(have) != _norm(v):
-                raise UserError(f"runs.{run_cfg.key}.model.{k}: {have!r} does not match the checkpoint ({v!r})")
+                raise UserError(
+                    f"runs.{run_cfg.key}.model.{k}: {have!r} does not match the checkpoint ({v!r})"
+                )
         kwargs = {**kwargs, **{k: v for k, v in run_cfg.model.items() if k not in kwargs}}
         config = dict(run_cfg.raw, imported_from=str(src))
         out = out or run_cfg.run_dir / "checkpoints" / "imported.pt"

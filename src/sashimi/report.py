@@ -38,7 +38,7 @@ import yaml
 
 from sashimi.config import Params, RunConfig, load_params
 from sashimi.errors import UserError
-from sashimi.io import atomic_write, write_wav
+from sashimi.io import atomic_write, read_audio, write_wav
 
 MISSING = "—"  # em dash: not computed (yet)
 NOT_RUN = "n/a"  # the paper has this row, this pipeline has no such run
@@ -140,7 +140,7 @@ class Cell:
 
 
 def _fmt(v: float, digits: int) -> str:
-    if abs(v) >= 1e4:
+    if abs(v) >= 1e4 or (digits == 0 and abs(v) >= 1e3):
         return f"{v:,.0f}"
     return f"{v:.{digits}f}"
 
@@ -457,6 +457,10 @@ def build_tables(
         "SC09 DiffWave backbone ablation (unconditional, paper: 500k steps)",
         [PARAMS, *SC09_METRICS],
     )
+    tables["sc09_diffwave_ablation"].notes.append(
+        "The full-size WaveNet and SaShiMi backbones are not trained again for this table: "
+        "this pipeline's full-size DiffWave runs are the SC09 table's rows (their own step counts)."
+    )
     tables["runs"] = runs_table(P, results)
     return tables
 
@@ -479,14 +483,12 @@ def runs_table(P: Params, results: dict[str, RunResult]) -> Table:
     rows: list[list[str | Cell]] = []
     for key, run in P.runs.items():
         res = results[key]
-        if res.finished:
+        ckpts = run.run_dir / "checkpoints"
+        trained = ckpts.is_dir() and any(ckpts.glob("*.pt"))
+        if res.finished or (run.kind == "classifier" and (ckpts / "best.pt").is_file()):
             status = "done"
-        elif (run.run_dir / "checkpoints").is_dir() and any(
-            (run.run_dir / "checkpoints").glob("*.pt")
-        ):
-            status = "trained" if res.samples else "training"
         else:
-            status = "missing"
+            status = "trained" if trained else "missing"
 
         def f(v: float | None, digits: int) -> str:
             return MISSING if v is None else _fmt(v, digits)
@@ -696,9 +698,9 @@ def copy_audio(
     for key, res in results.items():
         paths = []
         for src in res.samples[:clips]:
+            x, sr = read_audio(src)
             dst = audio_dir / key / src.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            write_wav(dst, x[: int(max_seconds * sr)], sr)  # at most max_seconds per clip
             paths.append(dst)
         if paths:
             groups[key] = paths
@@ -860,8 +862,6 @@ def log_mel(x: np.ndarray, sr: int) -> np.ndarray:
 def fig_spectrograms(
     P: Params, groups: dict[str, list[Path]], ds_key: str, path: Path
 ) -> Path | None:
-    from sashimi.io import read_audio
-
     panels = []
     if f"real-{ds_key}" in groups:
         panels.append(("real (test)", groups[f"real-{ds_key}"][0]))
