@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -358,7 +357,6 @@ def test_short_training_lowers_the_loss(kw):
     with torch.no_grad():
         before = model.training_loss(x_eval, t=t_eval, noise=z_eval).item()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.time()
     for _ in range(60):
         loss = model.training_loss(_toy_batch(16, 64, g), generator=g)
         opt.zero_grad()
