@@ -202,13 +202,6 @@ def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor
     return c * tr - s * ti, c * ti + s * tr  # times (c + i s)
 
 
-def _generating_function_fused(
-    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Cauchy sums and Woodbury in one graph, so Inductor fuses the forward and the backward."""
-    return _woodbury_real(*_cauchy_fused(vr, vi, wr, wi, c, s), c, s)
-
-
 def _cauchy_chunk_matmul(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -268,7 +261,7 @@ def _cauchy_keops(
     return re.permute(2, 0, 1), im.permute(2, 0, 1)
 
 
-_compiled_fn: Callable | None = None
+_compiled: dict[str, Callable] = {}
 _compile_broken = False
 
 
@@ -296,17 +289,27 @@ _INDUCTOR_OPTIONS = {
 
 
 def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Run the fused form under torch.compile; None (and a one-time warning) if compilation fails."""
-    global _compiled_fn, _compile_broken
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(
-            _generating_function_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
+    """Fused Cauchy sums, then the Woodbury epilogue, each under torch.compile (forward and backward).
+
+    The two are compiled separately: the Cauchy reduction needs the raised realisation thresholds,
+    and in one graph those thresholds make Inductor inline (and compile) far too much.
+    Returns None (after a one-time warning) if compilation fails.
+    """
+    global _compile_broken
+    if not _compiled:
+        _compiled["cauchy"] = torch.compile(
+            _cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
         )
+        _compiled["woodbury"] = torch.compile(_woodbury_real, fullgraph=True)
     # H and K vary between calls (one compiled graph for all of them); M and N2 stay static.
     for x, dim in zip(args, (1, 1, 0, 0, 0, 0), strict=True):
         torch._dynamo.maybe_mark_dynamic(x, dim)
     try:
-        return _compiled_fn(*args)
+        re, im = _compiled["cauchy"](*args)
+        for x in (re, im):
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            torch._dynamo.maybe_mark_dynamic(x, 2)
+        return _compiled["woodbury"](re, im, args[4], args[5])
     except Exception as err:  # compiler missing or broken: fall back to the eager path for good
         _compile_broken = True
         msg = f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager"
