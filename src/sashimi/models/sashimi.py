@@ -634,8 +634,9 @@ class _Stepper:
         device = p.device if device is None else torch.device(device)
         return {
             "down_buf": [[] for _ in range(self.P)],  # inputs waiting in each DownPool
-            "up_buf": [  # outputs each UpPool still has to emit: zeros first (causal shift)
-                [torch.zeros(batch, up.d_output, device=device, dtype=p.dtype)] * s
+            "up_buf": [  # outputs each UpPool still has to emit: zeros first (causal shift),
+                # laid out as UpPool.refill lays out its outputs (same strides: no recompiles)
+                list(torch.zeros(batch, s, up.d_output, device=device, dtype=p.dtype).unbind(1))
                 for up, s in zip(self.up_pools, self.strides)
             ],
             "down": [c.default_state(batch, device) for c in self.down_chains],

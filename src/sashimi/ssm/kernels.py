@@ -38,13 +38,15 @@ Three ways to evaluate it live here:
   mostly useful on GPUs, slower than plain torch on CPU). pykeops was not
   installable where this was written, so this path has not been run.
 
-``auto`` resolves to ``torch``. Compiling costs tens of seconds once per process on a CPU,
-so by default (SASHIMI_COMPILE unset or "auto") only large problems (H * (L/2+1) * N/2 >= 2^22,
-e.g. H=64, L >= 4096) use the compiled path; SASHIMI_COMPILE=1 compiles always, 0 never.
+``auto`` resolves to ``torch``. Compiling costs 30-90 s once per process on a 2-core CPU, which
+short jobs (the demo DAG, tests) never win back. So by default (SASHIMI_COMPILE unset or "auto")
+only large problems (H * (L/2+1) * N/2 >= 2^22, e.g. H=64, L >= 4096) ON A GPU use the compiled
+path; SASHIMI_COMPILE=1 compiles always (long CPU training runs, `sashimi bench train`), 0 never.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -134,10 +136,11 @@ def _kernel_naive(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
 def frequency_nodes(
     L: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(cos, sin)(pi k / L) for k = 0..L//2, computed in float64 and then cast to ``dtype``.
+    """(cos, sin)(pi k / L) for k = 0..L//2, computed in float64 and then cast to ``dtype`` (cached).
 
     z_k = 2i tan(pi k / L) = 2i s_k / c_k and 2 / (1 + omega_k) = (c_k + i s_k) / c_k.
     """
@@ -265,10 +268,11 @@ _compiled: dict[str, Callable] = {}
 _compile_broken = False
 
 
-def compile_enabled(elements: int | None = None) -> bool:
+def compile_enabled(elements: int | None = None, device: torch.device | str | None = None) -> bool:
     """Whether the compiled fused path is used for a problem of ``elements`` = H * K * N/2 Cauchy terms.
 
-    SASHIMI_COMPILE: "0" never, "1" always, "auto" (default) from _COMPILE_MIN_ELEMENTS terms up.
+    SASHIMI_COMPILE: "0" never, "1" always, "auto" (default) on CUDA from _COMPILE_MIN_ELEMENTS
+    terms up (on a CPU only when asked: the compile time outweighs short jobs).
     A failed compilation disables it for the rest of the process.
     """
     mode = os.environ.get("SASHIMI_COMPILE", "auto").lower()
@@ -276,6 +280,8 @@ def compile_enabled(elements: int | None = None) -> bool:
         return False
     if mode in ("1", "always", "true"):
         return True
+    if device is not None and torch.device(device).type != "cuda":
+        return False
     return elements is None or elements >= _COMPILE_MIN_ELEMENTS
 
 
@@ -335,7 +341,7 @@ def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: s
     """
     args = [x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag)] + [c, s]
     out = None
-    if backend == "torch" and compile_enabled(dtA.numel() * c.numel()):
+    if backend == "torch" and compile_enabled(dtA.numel() * c.numel(), dtA.device):
         out = _generating_function_compiled(*args)
     if out is None:
         rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
@@ -464,7 +470,7 @@ def benchmark_kernel(
 
     fwd_s, fwd_mb = measure(fwd)
     fwd_bwd_s, fwd_bwd_mb = measure(fwd_bwd)
-    fused = resolve_backend(backend) == "torch" and compile_enabled(H * (L // 2 + 1) * (N // 2))
+    fused = resolve_backend(backend) == "torch" and compile_enabled(H * (L // 2 + 1) * (N // 2), device)
     return {
         "H": H,
         "L": L,
