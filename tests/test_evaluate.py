@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train import REAL, cli, setup_workdir, tiny_run, write_params
+from test_train import (
+    REAL,
+    TinyAR,
+    cli,
+    make_prepared,
+    setup_workdir,
+    tiny_run,
+    write_params,
+)
 
 
 @pytest.fixture
@@ -87,6 +95,48 @@ def test_nll_equals_direct_computation(workdir, chunk_length):
     )
     m = json.loads(out.read_text())
     assert m["nll_split"] == "validation" and m["nll_checkpoint"].endswith("last.pt")
+    # the default batch is large (every test item at once) and gives the same number
+    assert cli("evaluate", "--run", "tiny") == 0
+    m = json.loads(out.read_text())
+    assert m["nll_batch_size"] == (5 if chunk_length is None else n // chunk_length)
+    assert m["nll_bits"] == pytest.approx(bits, rel=1e-6)
+    # the training budget behind the checkpoint (train_log.csv)
+    assert m["train_steps"] == 3 and 0 < m["train_minutes"] < 5
+
+
+def test_nll_runs_in_inference_mode_with_a_large_default_batch(tmp_path):
+    from sashimi.data.datasets import AutoregressiveDataset, load_split
+    from sashimi.evaluate import NLL_BATCH_TOKENS, default_nll_batch, nll_bits
+
+    assert default_nll_batch(4, 16000, 24) == 24  # the whole demo SC09 test split at once
+    assert default_nll_batch(4, 16000, 10240) == NLL_BATCH_TOKENS // 16000
+    assert default_nll_batch(8, 131072, 100) == 8  # never below the training batch
+    assert default_nll_batch(4, 10**9, 3) == 3
+
+    class Spy(TinyAR):
+        def forward(self, x):
+            seen.append((torch.is_inference_mode_enabled(), x.shape[0]))
+            return super().forward(x)
+
+    seen: list = []
+    model = Spy(d_model=8)
+    split = load_split(make_prepared(tmp_path, splits={"test": 3}), "test")
+    data = AutoregressiveDataset(split, "mu-law", None, context=model.context)
+    bits, n = nll_bits(model, data, 2, torch.device("cpu"))
+    assert seen == [(True, 2), (True, 1)] and n == int(split.offsets[-1]) and 0 < bits < 9
+
+
+def test_missing_prepared_dataset_says_how_to_prepare(workdir, capsys):
+    import shutil
+
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 1})})
+    assert cli("train", "--run", "tiny") == 0
+    shutil.rmtree(workdir / "data/prepared/tiny")
+    capsys.readouterr()
+    for verb in ("train", "evaluate"):
+        assert cli(verb, "--run", "tiny", "--no-resume" if verb == "train" else "--split=test") == 2
+        err = capsys.readouterr().err
+        assert "run `sashimi prepare --key tiny`" in err, err
 
 
 def test_missing_checkpoint_names_the_path(workdir, capsys):
@@ -127,6 +177,38 @@ def test_diffusion_nll_is_skipped(workdir):
     assert cli("evaluate", "--run", "dw") == 0
     m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
     assert "nll_bits" not in m and "not defined" in m["nll_note"] and m["params"] > 0
+    assert m["train_steps"] == 1 and m["train_minutes"] >= 0
+
+
+def test_params_and_budget_are_written_without_nll(workdir, monkeypatch):
+    """A diffusion SC09 run is evaluated with --metrics sc09 only: params and the training
+    budget still land in metrics.json."""
+    from sashimi import evaluate
+    from sashimi.models import MODELS
+
+    try:
+        MODELS["diffwave"]
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"diffwave not importable ({e})")
+    kind, model, train = REAL["diffwave"]
+    ds = {
+        "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
+    }
+    write_params(
+        workdir,
+        {"dw": {"kind": kind, "dataset": "tiny", "model": model, "train": dict({"max_steps": 2}, **train)}},
+        ds,
+    )
+    assert cli("train", "--run", "dw") == 0
+    monkeypatch.setattr(evaluate, "evaluate_sc09", lambda *a, **k: {"fid": 1.0})
+    assert cli("evaluate", "--run", "dw", "--metrics", "sc09") == 0
+    m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
+    from sashimi.train import load_model
+
+    net, _ = load_model(workdir / "results/runs/dw")
+    assert m["params"] == sum(p.numel() for p in net.parameters())
+    assert m["train_steps"] == 2 and m["train_minutes"] >= 0 and m["fid"] == 1.0
+    assert "nll_note" not in m
 
 
 def _tiny_classifier(path):

@@ -30,8 +30,8 @@ def _model(fx, prefix="state_dict.", dtype=torch.float64):
     return load_into_model(our, kw).to(dtype).eval()
 
 
-def _steps(model, x, T):
-    model.setup_step()
+def _steps(model, x, T, fused=False):
+    model.setup_step(fused=fused)
     state = model.default_state(x.shape[0])
     out = []
     for t in range(T):
@@ -65,10 +65,14 @@ def test_conv_logits_fp64_and_fp32(fx):
     assert _err(y32, fx["logits_conv_fp32"]) < 1e-4
 
 
-def test_step_logits_fp64_and_fp32(fx):
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_logits_fp64_and_fp32(fx, fused):
     x, T = fx["x"], int(fx["T_step"])
-    assert _err(_steps(_model(fx, dtype=torch.float64), x, T), fx["logits_step_fp64"]) < 1e-8
-    assert _err(_steps(_model(fx, dtype=torch.float32), x, T), fx["logits_step_fp32"]) < 1e-4
+    m64, m32 = _model(fx, dtype=torch.float64), _model(fx, dtype=torch.float32)
+    assert _err(_steps(m64, x, T, fused), fx["logits_step_fp64"]) < 1e-8
+    assert _err(_steps(m32, x, T, fused), fx["logits_step_fp32"]) < 1e-4
+    if fused:  # conjugate pairs were merged: fewer modes than N = 64
+        assert all(c.fused and c.M < 64 for c in m64._stepper.up_chains)
 
 
 def test_from_init_state_dict(fx):

@@ -4,6 +4,7 @@ resumable batches, the run's own quantiser, prefix continuation, diffusion sampl
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -97,6 +98,18 @@ def test_sample_writes_wavs_and_csv_and_resumes(workdir, capsys):
         if w.name not in ("00002.wav", "00003.wav"):
             assert w.stat().st_mtime_ns == mtimes[w.name]
     assert _rows(out / "loglik.csv") == rows
+    # summary.json: the speed of THIS job (one batch of 2 clips of 0.01 s regenerated)
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["n"] == 5 and summ["seconds"] == 0.01 and summ["batch_size"] == 2
+    assert summ["device"] == "cpu" and summ["clips_generated"] == 2 and summ["kind"] == "ar"
+    assert summ["generated_seconds"] == pytest.approx(0.02)
+    assert summ["sample_realtime_factor"] == pytest.approx(0.02 / summ["wall_seconds"])
+    assert 0 < summ["seconds_per_step"] <= summ["generation_seconds"] / 160 * (1 + 1e-9)
+    # nothing new to generate: the previous job's summary stays
+    before_summary = (out / "summary.json").read_bytes()
+    assert cli(*argv) == 0
+    assert '"generated_batches": 0' in capsys.readouterr().out
+    assert (out / "summary.json").read_bytes() == before_summary
     # more clips extend the folder; other settings are refused
     assert cli(*argv[:3], "--n", "6", *argv[5:]) == 0
     assert len(list(out.glob("*.wav"))) == 6
@@ -257,6 +270,53 @@ def test_real_models_sample(workdir, name):
             assert float(r["loglik_nats"]) < 0
         else:
             assert r["loglik_nats"] == "" and r["bits_per_sample"] == ""
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["clips_generated"] == 2 and summ["sample_realtime_factor"] > 0
+    if kind == "ar":
+        assert summ["seconds_per_step"] > 0 and "sampler" not in summ
+    else:
+        assert summ["sampler"] == "fast" and summ["sampler_steps"] == 4
+        assert "seconds_per_step" not in summ
+
+
+def test_wavenet_starts_from_the_training_state():
+    """Training inputs are left-padded with 128: the sampler starts WaveNet primed with 128, so
+    its first step equals model(x)[:, 0] for x = [128] * context + [128], and every step's
+    likelihood equals a forward pass over the 128-padded clip."""
+    from sashimi.models import MODELS, build_model
+    from sashimi.sample import generate_ar, initial_state
+
+    try:
+        MODELS["wavenet"]
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"wavenet not importable ({e})")
+    kwargs = {k: v for k, v in REAL["wavenet"][1].items() if k != "name"}
+    torch.manual_seed(0)
+    model = build_model("wavenet", **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random weights large enough for the padding to matter
+            p.normal_(0, 0.3)
+    model.setup_step()
+    x = torch.full((2, model.context + 1), 128)  # (2, context + 1)
+    with torch.no_grad():
+        expect = model(x)[:, 0]  # (2, 256)
+    first, _ = model.step(torch.full((2,), 128), initial_state(model, 2))
+    torch.testing.assert_close(first, expect, rtol=1e-4, atol=1e-4)
+    zero, _ = model.step(torch.full((2,), 128), model.default_state(2))  # official zero queues
+    assert (zero - expect).abs().max() > 1e-2  # the start state matters
+
+    tokens, loglik = generate_ar(model, 2, 30, generator=torch.Generator().manual_seed(1))
+    xs = torch.cat([torch.full((2, model.context + 1), 128), tokens[:, :-1]], 1)
+    with torch.no_grad():
+        logp = F.log_softmax(model(xs).double(), -1).gather(2, tokens[:, :, None])[:, :, 0]
+    torch.testing.assert_close(loglik, logp.sum(1), rtol=1e-5, atol=1e-3)
+
+
+def test_initial_state_falls_back_to_default_state():
+    from sashimi.sample import initial_state
+
+    model = TinyAR(d_model=8)
+    assert torch.equal(initial_state(model, 3), model.default_state(3))
 
 
 def test_sample_token_follows_the_distribution():

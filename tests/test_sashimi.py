@@ -233,6 +233,31 @@ def test_step_requires_setup_and_state_is_fresh_after_dtype_change():
         m.step(torch.zeros(1, dtype=torch.long), {})
 
 
+def test_pair_conjugate_modes_keeps_the_impulse_response():
+    from sashimi.models.sashimi import _pair_conjugate_modes
+    from sashimi.ssm.s4 import S4Kernel
+
+    torch.manual_seed(0)
+    lam, c, _ = S4Kernel(8).modal_system()  # (H, N), (1, H, N)
+    lam2, c2 = _pair_conjugate_modes(lam, c[0])
+    assert lam2.shape[1] < lam.shape[1]  # most HiPPO-derived poles are conjugate pairs
+    ls = torch.arange(3000.0, dtype=torch.float64)
+
+    def response(lam, c):
+        return (c.unsqueeze(-1) * lam.unsqueeze(-1) ** ls).sum(-2).real  # (H, L)
+
+    ref = response(lam, c[0])
+    assert ((response(lam2, c2) - ref).abs().amax(-1) / ref.abs().amax(-1)).max() < 1e-6
+    # two distinct real poles are never merged
+    lam_r = torch.tensor(
+        [[0.5 + 1e-12j, 0.5001 - 1e-12j, 0.3 + 0.2j, 0.3 - 0.2j]], dtype=torch.complex128
+    )
+    c_r = torch.tensor([[1.0 + 0j, -1.0 + 0j, 0.5 + 0.1j, 0.5 - 0.1j]], dtype=torch.complex128)
+    lam3, c3 = _pair_conjugate_modes(lam_r, c_r)
+    assert lam3.shape[1] == 3
+    torch.testing.assert_close(response(lam3, c3), response(lam_r, c_r))
+
+
 def test_deepcopy_after_setup_step_drops_step_caches():
     import copy
 

@@ -408,32 +408,86 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, capsys):
     assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
-def test_resume_refuses_another_model(workdir):
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 5})})
+def _ckpt(workdir, run="tiny", name="last.pt") -> dict:
+    return torch.load(workdir / f"results/runs/{run}/checkpoints/{name}", weights_only=True)
+
+
+def test_resume_follows_config_changes(workdir, capsys):
+    """Budget / logging changes resume; any other change starts that run over (default) or is
+    refused (explicit --resume), naming the first differing key."""
+    base = {"max_steps": 6, "ckpt_every": 3}
+    write_params(workdir, {"tiny": tiny_run(train=base), "other": tiny_run(train=base)})
+    assert cli("train", "--run", "tiny") == 0 and cli("train", "--run", "other") == 0
+    other = sorted(p.name for p in (workdir / "results/runs/other/checkpoints").glob("*.pt"))
+
+    # budget / logging keys, sample / table / label, and defaults spelled out: resumed
+    more = dict(base, max_steps=9, log_every=1, val_every=2, keep_last=3, amp=True, momentum=0.9)
+    run = tiny_run(model={"kernel": 4}, train=more, table="sc09", label="x", sample={"n": 3})
+    write_params(workdir, {"tiny": run, "other": tiny_run(train=base)})
+    capsys.readouterr()
     assert cli("train", "--run", "tiny") == 0
-    write_params(workdir, {"tiny": tiny_run(model={"d_model": 16}, train={"max_steps": 10})})
-    with pytest.raises(UserError, match=r"model\.d_model=8 .*model\.d_model is 16"):
-        import argparse
+    assert "resuming tiny from step 6" in capsys.readouterr().err
+    assert _ckpt(workdir)["step"] == 9
+    assert cli("train", "--run", "tiny", "--resume", "--max-steps", "10") == 0
+    assert _ckpt(workdir)["step"] == 10
 
-        from sashimi.train import run as train_run
-
-        train_run(
-            argparse.Namespace(
-                params="params.yaml",
-                run="tiny",
-                resume=None,
-                max_steps=None,
-                max_minutes=None,
-                device="cpu",
-                no_progress=True,
-            )
-        )
-    # --no-resume starts over
-    assert cli("train", "--run", "tiny", "--no-resume") == 0
-    assert (
-        torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"]
-        == 10
+    # another model size: a fresh run, this run's old checkpoints gone, other runs untouched
+    write_params(
+        workdir,
+        {"tiny": tiny_run(model={"d_model": 16}, train=base), "other": tiny_run(train=base)},
     )
+    capsys.readouterr()
+    assert cli("train", "--run", "tiny", "--max-steps", "4") == 0
+    err = capsys.readouterr().err
+    assert "runs.tiny: model.d_model changed 8 -> 16; starting a fresh run" in err
+    assert "resuming" not in err
+    ck = workdir / "results/runs/tiny/checkpoints"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["best.pt", "last.pt", "step-3.pt", "step-4.pt"]
+    assert _ckpt(workdir)["model_kwargs"] == {"d_model": 16} and _ckpt(workdir)["step"] == 4
+    assert _ckpt(workdir, name="best.pt")["model_kwargs"] == {"d_model": 16}
+    assert [int(r["step"]) for r in read_log(workdir / "results/runs/tiny")][0] <= 4
+    assert sorted(p.name for p in (workdir / "results/runs/other/checkpoints").glob("*.pt")) == other
+
+    # explicit --resume and a changed optimiser setting: one line naming the key
+    write_params(
+        workdir,
+        {"tiny": tiny_run(model={"d_model": 16}, train=dict(base, lr=0.01)), "other": tiny_run()},
+    )
+    capsys.readouterr()
+    assert cli("train", "--run", "tiny", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "train.lr changed 0.003 -> 0.01" in err and "last.pt" in err
+    assert _ckpt(workdir)["step"] == 4  # untouched
+    # ... and the same change by default: fresh
+    assert cli("train", "--run", "tiny", "--max-steps", "2") == 0
+    assert "runs.tiny: train.lr changed 0.003 -> 0.01; starting a fresh run" in capsys.readouterr().err
+    assert _ckpt(workdir)["step"] == 2
+
+    # the dataset's configuration counts too
+    ds = {"tiny": {"format": "folder", "download": None, "quantization": "linear"}}
+    write_params(workdir, {"tiny": tiny_run(model={"d_model": 16}, train=dict(base, lr=0.01))}, ds)
+    assert cli("train", "--run", "tiny", "--max-steps", "3") == 0
+    err = capsys.readouterr().err
+    assert "runs.tiny: datasets.tiny.quantization changed 'mu-law' -> 'linear'; starting" in err
+    # --no-resume always starts over
+    assert cli("train", "--run", "tiny", "--no-resume", "--max-steps", "1") == 0
+    assert _ckpt(workdir)["step"] == 1
+
+
+def test_config_change_helpers():
+    from sashimi.train import config_change, training_config
+
+    raw = {"dataset": "d", "model": {"name": "x", "d": 1}, "train": {"lr": 1e-3, "max_steps": 5}}
+    a = training_config(raw)
+    assert a["train.lr"] == 1e-3 and a["train.weight_decay"] == 0.01  # TrainConfig defaults
+    assert "train.max_steps" not in a and "sample.n" not in a
+    b = training_config(dict(raw, train={"lr": 1e-3, "max_steps": 50}, sample={"n": 2}))
+    assert config_change(a, b) is None
+    c = training_config(dict(raw, model={"name": "x", "d": 2}, train={"lr": 2e-3}))
+    assert config_change(a, c) == ("model.d", 1, 2)  # the first one, in config order
+    d = training_config(dict(raw, model={"name": "x", "d": 1, "e": [1, 2]}))
+    assert config_change(a, d) == ("model.e", "<unset>", [1, 2])
 
 
 def test_max_steps_and_minutes_overrides(workdir):

@@ -4,11 +4,16 @@
                      [--classifier CKPT] [--samples DIR] [--batch-size B]
     sashimi evaluate --real sc09 --split train|test [--classifier CKPT] [--max-clips N]
 
+- always: `params` (parameter count of the evaluated checkpoint's model), and the training
+  budget behind it, `train_steps` and `train_minutes` (from train_log.csv, else the
+  checkpoint), for every run, diffusion runs included.
 - nll: cross-entropy of the split in bits per sample (nats / ln 2), averaged over every
-  non-padded target position, batched. Items are what training saw: whole clips (SC09) or
-  the dataset's non-overlapping `chunk_length` chunks (music), each min-max quantised on its
-  own. Writes nll_bits, nll_checkpoint, nll_step, n_tokens, params (and nll_split). Not
-  defined for diffusion runs (skipped with a note).
+  non-padded target position, batched (by default about 2^19 tokens per batch, at least
+  train.batch_size items) under torch.inference_mode, summed in float64. Items are what
+  training saw: whole clips (SC09) or the dataset's non-overlapping `chunk_length` chunks
+  (music), each min-max quantised on its own. Writes nll_bits, nll_checkpoint, nll_step,
+  n_tokens, nll_batch_size (and nll_split). Not defined for diffusion runs (skipped with a
+  note).
 - sc09: `sashimi.classifier.score_samples` on the run's samples/ (autoregressive runs: the
   paper's likelihood-based subset, from samples/loglik.csv; diffusion runs: all clips),
   against the TRAIN split of the run's own dataset. Writes fid, is, is_textbook, mis, am,
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import math
 import os
@@ -42,6 +48,8 @@ LN2 = math.log(2.0)
 IGNORE_INDEX = -100
 DEFAULT_CLASSIFIER_RUN = "classifier-sc09"
 METRICS = ("nll", "sc09")
+NLL_BATCH_TOKENS = 1 << 19  # default NLL batch: about this many tokens (logits: 2 GB at float32)
+_CE_CHUNK = 1 << 15  # targets per float64 cross-entropy call (bounds the float64 copy's memory)
 
 
 # ============================================================================ metrics.json
@@ -75,7 +83,7 @@ def merge_metrics(path: str | os.PathLike, new: dict[str, Any]) -> dict[str, Any
 
 
 # ============================================================================ NLL
-@torch.no_grad()
+@torch.inference_mode()
 def nll_bits(
     model: torch.nn.Module, dataset, batch_size: int, device: torch.device, progress: bool = False
 ) -> tuple[float, int]:
@@ -98,19 +106,26 @@ def nll_bits(
     for x, y in tqdm(loader, disable=not progress, leave=False, desc="nll"):
         x, y = pad_to_multiple(x, y, multiple)
         x, y = x.to(device), y.to(device)
-        logits = model(x)  # (B, L, 256)
-        total += float(
-            F.cross_entropy(
-                logits.double().flatten(0, 1),
-                y.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
+        logits = model(x).flatten(0, 1)  # (B L, 256)
+        y = y.flatten()  # (B L,)
+        for lo in range(0, y.numel(), _CE_CHUNK):
+            total += float(
+                F.cross_entropy(
+                    logits[lo : lo + _CE_CHUNK].double(),
+                    y[lo : lo + _CE_CHUNK],
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
             )
-        )
         count += int((y != IGNORE_INDEX).sum())
     if count == 0:
         raise UserError("nll: the split has no targets")
     return total / count / LN2, count
+
+
+def default_nll_batch(train_batch: int, item_tokens: int, n_items: int) -> int:
+    """About NLL_BATCH_TOKENS tokens per batch, at least the training batch, at most the split."""
+    return max(1, min(n_items, max(train_batch, NLL_BATCH_TOKENS // max(1, item_tokens))))
 
 
 def evaluate_nll(
@@ -122,11 +137,13 @@ def evaluate_nll(
     device: torch.device,
     batch_size: int | None = None,
     progress: bool = False,
+    loaded: tuple[torch.nn.Module, dict] | None = None,
 ) -> dict[str, Any]:
+    """Test NLL of the run's checkpoint (`loaded`: a (model, ckpt) already read by load_model)."""
     from sashimi.data.datasets import AutoregressiveDataset, load_split
     from sashimi.train import load_model
 
-    model, ckpt = load_model(checkpoint or run.run_dir, map_location=device)
+    model, ckpt = loaded or load_model(checkpoint or run.run_dir, map_location=device)
     n_params = sum(p.numel() for p in model.parameters())
     if ckpt.get("kind", run.kind) != "ar":
         print(
@@ -138,27 +155,51 @@ def evaluate_nll(
     prepared = Path(ds.prepared_dir)
     if not (prepared / f"{split}.offsets.npy").is_file():
         raise UserError(
-            f"{prepared}: split {split!r} is not prepared (run `sashimi prepare --dataset {ds.key}`)"
+            f"{prepared}: split {split!r} is not prepared (run `sashimi prepare --key {ds.key}`)"
         )
-    data = AutoregressiveDataset(
-        load_split(prepared, split),
-        ds.quantization,
-        ds.chunk_length,
-        context=int(getattr(model, "context", 0)),
-    )
+    audio = load_split(prepared, split)
+    context = int(getattr(model, "context", 0))
+    data = AutoregressiveDataset(audio, ds.quantization, ds.chunk_length, context=context)
     if len(data) == 0:
         raise UserError(
             f"{prepared}: split {split!r} has no items (chunk_length={ds.chunk_length})"
         )
-    bits, n_tokens = nll_bits(model, data, batch_size or run.train.batch_size, device, progress)
+    longest = int(np.diff(audio.offsets).max()) if ds.chunk_length is None else ds.chunk_length
+    B = batch_size or default_nll_batch(run.train.batch_size, context + longest, len(data))
+    bits, n_tokens = nll_bits(model, data, B, device, progress)
     return {
         "nll_bits": bits,
         "nll_checkpoint": str(ckpt["path"]),
         "nll_step": int(ckpt.get("step", 0)),
         "nll_split": split,
+        "nll_batch_size": B,
         "n_tokens": n_tokens,
         "params": n_params,
     }
+
+
+def training_budget(run, ckpt: dict) -> dict[str, Any]:
+    """`train_steps` and `train_minutes` of the run's training (over resumes): the last row of
+    train_log.csv, else the checkpoint's own step / elapsed_s; keys left out when unknown."""
+    steps, seconds = None, None
+    log = Path(run.run_dir) / "train_log.csv"
+    if log.is_file():
+        with open(log, newline="") as f:
+            for r in csv.DictReader(f):
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    steps = max(steps or 0, int(r["step"]))
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    seconds = max(seconds or 0.0, float(r["elapsed_s"]))
+    if steps is None and ckpt.get("step") is not None:
+        steps = int(ckpt["step"])
+    if seconds is None and ckpt.get("elapsed_s") is not None:
+        seconds = float(ckpt["elapsed_s"])
+    out: dict[str, Any] = {}
+    if steps is not None:
+        out["train_steps"] = steps
+    if seconds is not None:
+        out["train_minutes"] = round(seconds / 60, 4)
+    return out
 
 
 # ============================================================================ SC09
@@ -319,41 +360,59 @@ def run(args: argparse.Namespace) -> int:
         and sys.stderr.isatty()
         and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
     )
+    from sashimi.tracking import Tracker
+    from sashimi.train import kernel_compile_policy, load_model
+
     res: dict[str, Any] = {}
-    if "nll" in wanted:
-        res.update(
-            evaluate_nll(
-                P,
-                run_cfg,
-                checkpoint=args.checkpoint,
-                split=split,
-                device=device,
-                batch_size=args.batch_size,
-                progress=progress,
-            )
-        )
-    if "sc09" in wanted:
-        res.update(
-            evaluate_sc09(
-                P, run_cfg, classifier_path=classifier_path, samples=args.samples, device=device
-            )
-        )
+    with kernel_compile_policy(run_cfg.train.compile, device):
+        model, ckpt = load_model(args.checkpoint or run_cfg.run_dir, map_location=device)
+        # MLflow (a few seconds of imports) starts in the background while we evaluate
+        tracker = Tracker(
+            run_cfg.key, run_dir=run_cfg.run_dir, root=Path(args.params).resolve().parent
+        ).start()
+        try:
+            res["params"] = sum(p.numel() for p in model.parameters())
+            res.update(training_budget(run_cfg, ckpt))
+            if "nll" in wanted:
+                res.update(
+                    evaluate_nll(
+                        P,
+                        run_cfg,
+                        checkpoint=args.checkpoint,
+                        split=split,
+                        device=device,
+                        batch_size=args.batch_size,
+                        progress=progress,
+                        loaded=(model, ckpt),
+                    )
+                )
+            del model, ckpt  # the sc09 scoring needs neither
+            if "sc09" in wanted:
+                res.update(
+                    evaluate_sc09(
+                        P,
+                        run_cfg,
+                        classifier_path=classifier_path,
+                        samples=args.samples,
+                        device=device,
+                    )
+                )
+        except BaseException as e:
+            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
     out = args.out or Path(run_cfg.run_dir) / "metrics.json"
     merge_metrics(out, res)
-    _track(run_cfg, res, Path(args.params).resolve().parent)
+    _track(tracker, res)
     print(json.dumps(res))
     return 0
 
 
-def _track(run, res: dict, root: Path) -> None:
-    from sashimi.tracking import Tracker, tracking_enabled
-
-    if not tracking_enabled():
-        return
+def _track(tracker, res: dict) -> None:
+    """Numbers of `res` as eval/<key> metrics of the run's MLflow run; ends it (never fails)."""
     scalars = {
         f"eval/{k}": float(v)
         for k, v in res.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
-    with Tracker(run.key, run_dir=run.run_dir, root=root) as tr:
-        tr.log_metrics(scalars, step=int(res.get("nll_step", 0)))
+    tracker.log_metrics(scalars, step=int(res.get("nll_step", 0)))
+    tracker.close("FINISHED")

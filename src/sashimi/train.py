@@ -25,6 +25,14 @@ same parameters as an uninterrupted one. Budgets (`max_steps`, `max_minutes`) co
 resumes. Checkpoints: `step-<n>.pt` (the last `keep_last`), `last.pt`, `best.pt` (lowest
 validation loss), all written atomically.
 
+Resume vs configuration changes (Snakemake / DVC rerun a job when its params change): by
+default a run resumes from `last.pt` only if the checkpoint was trained with the same
+configuration, ignoring budget and logging keys (RESUME_IGNORED: max_steps, max_minutes,
+val_every, ... , and the sample / table / label blocks). Any other difference (model, dataset,
+optimiser, lr, batch size, seed, ...) prints one line naming the first differing key and
+starts a fresh run (old checkpoints of this run deleted, a new MLflow run). With an explicit
+`--resume` a difference is an error naming the key.
+
 DDP: under torchrun (WORLD_SIZE > 1) each rank takes an interleaved share of every global
 batch of `batch_size` items; the loss is normalised by the GLOBAL number of targets, so
 gradients equal those of one process on the whole batch. Rank 0 writes everything.
@@ -112,6 +120,23 @@ def init_distributed(device: torch.device) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return Dist(rank=rank, world=world, local_rank=local_rank)
+
+
+@contextlib.contextmanager
+def kernel_compile_policy(compile: bool, device: torch.device) -> Iterator[None]:
+    """S4 kernels torch.compile their Cauchy sums for large problems (SASHIMI_COMPILE=auto, see
+    sashimi.ssm.kernels). On a CPU that costs 10-40 s per process with a cold compiler cache,
+    more than a whole demo job, for little speed; so CPU jobs follow the run's `train.compile`
+    instead: eager unless it is true. An explicit SASHIMI_COMPILE wins, GPUs keep the
+    kernels' own default. The environment is restored on exit."""
+    if "SASHIMI_COMPILE" in os.environ or device.type != "cpu" or compile:
+        yield
+        return
+    os.environ["SASHIMI_COMPILE"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("SASHIMI_COMPILE", None)
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -364,20 +389,107 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def check_compatible(ckpt: dict, run, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model: one line naming the differing key."""
-    if ckpt.get("model_name") != run.model_name:
-        raise UserError(
-            f"{path}: checkpoint is model {ckpt.get('model_name')!r} but runs.{run.key}.model.name "
-            f"is {run.model_name!r}; use --no-resume to start over"
-        )
-    old, new = _norm(ckpt.get("model_kwargs") or {}), _norm(run.model)
-    for k in sorted(set(old) | set(new)):
-        if old.get(k, "<unset>") != new.get(k, "<unset>"):
-            raise UserError(
-                f"{path}: checkpoint has model.{k}={old.get(k, '<unset>')!r} but runs.{run.key}"
-                f".model.{k} is {new.get(k, '<unset>')!r}; use --no-resume to start over"
-            )
+# Budget and logging settings: changing them continues a run from last.pt (a longer budget
+# extends it). Any other change of the run's configuration (model, data, optimisation, seed)
+# makes the checkpoint stale: an automatic resume starts over, an explicit --resume refuses.
+RESUME_IGNORED = frozenset(
+    f"train.{k}"
+    for k in (
+        "max_steps",
+        "max_minutes",
+        "val_every",
+        "val_batches",
+        "log_every",
+        "ckpt_every",
+        "keep_last",
+        "num_workers",
+        "compile",
+        "amp",
+    )
+)
+RESUME_IGNORED_BLOCKS = frozenset({"sample", "table", "label", "key"})
+_UNSET = "<unset>"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = _norm(v)
+    return out
+
+
+def _model_defaults(name: str) -> dict[str, Any]:
+    """Keyword defaults of the model class `name` ({} when it cannot be imported)."""
+    try:
+        from sashimi.models import MODELS
+
+        sig = inspect.signature(MODELS[name].__init__)
+    except Exception:
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        k: p.default
+        for k, p in sig.parameters.items()
+        if k != "self" and p.kind in kinds and p.default is not inspect.Parameter.empty
+    }
+
+
+def training_config(raw: dict, dataset: dict | None = None) -> dict[str, Any]:
+    """What a checkpoint's training depends on, as dotted keys in a fixed order: `kind`,
+    `dataset`, `model.*` (the model's keyword defaults filled in), `train.*` (TrainConfig's
+    defaults filled in), other run keys, and `datasets.<key>.*` when `dataset` (a
+    DatasetConfig as a dict) is given. Budget/logging keys (RESUME_IGNORED) and the
+    sample / table / label blocks are left out."""
+    from sashimi.config import TrainConfig
+
+    model = dict(raw.get("model") or {})
+    name = model.get("name")
+    out: dict[str, Any] = {"kind": raw.get("kind", "ar"), "dataset": raw.get("dataset")}
+    if name is not None:
+        model = {"name": name, **_model_defaults(name), **model}
+    out.update(_flatten({"model": model}))
+    out.update(_flatten({"train": {**dataclasses.asdict(TrainConfig()), **(raw.get("train") or {})}}))
+    skip = RESUME_IGNORED_BLOCKS | {"kind", "dataset", "model", "train"}
+    out.update(_flatten({k: v for k, v in raw.items() if k not in skip}))
+    if dataset is not None:
+        out.update(_flatten({"datasets": {raw.get("dataset"): dict(dataset)}}))
+    return {k: v for k, v in out.items() if k not in RESUME_IGNORED}
+
+
+def config_change(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first key (in `new`'s order, then `old`'s) whose value differs: (key, old, new)."""
+    for k in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(k, _UNSET), new.get(k, _UNSET)
+        if a != b:
+            return k, a, b
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str) and v != _UNSET:
+        return repr(v)
+    return str(v)
+
+
+def checkpoint_config_change(ckpt: dict, run, dataset: dict | None) -> tuple[str, Any, Any] | None:
+    """How the run's configuration differs from the one `ckpt` was trained with (None: same).
+    A checkpoint without a saved config (foreign / old) is compared on its model only."""
+    new = training_config(dict(run.raw, model={"name": run.model_name, **run.model}), dataset)
+    saved = ckpt.get("config")
+    if isinstance(saved, dict) and saved:
+        old_ds = ckpt.get("dataset_config")
+        old = training_config(saved, old_ds if isinstance(old_ds, dict) else None)
+        if not isinstance(old_ds, dict):  # saved before datasets were recorded: not compared
+            new = {k: v for k, v in new.items() if not k.startswith("datasets.")}
+        return config_change(old, new)
+    model = {"name": ckpt.get("model_name"), **dict(ckpt.get("model_kwargs") or {})}
+    old = {k: v for k, v in training_config({"model": model}).items() if k.startswith("model.")}
+    old["kind"] = ckpt.get("kind", run.kind)
+    new = {k: v for k, v in new.items() if k.startswith("model.") or k == "kind"}
+    return config_change(old, new)
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -417,6 +529,7 @@ class Trainer:
         self.run_dir = Path(run.run_dir)
         self.ckpt_dir = checkpoint_dir(self.run_dir)
         self.ds = P.dataset_of(run.key)
+        self.ds_config = dataclasses.asdict(self.ds)  # saved in checkpoints (resume check)
         self.kind = run.kind
         self.seed = int(self.tc.seed)
 
@@ -484,7 +597,7 @@ class Trainer:
         if not (prepared / "train.offsets.npy").is_file():
             raise UserError(
                 f"{prepared}: dataset {self.ds.key!r} is not prepared "
-                f"(run `sashimi prepare --dataset {self.ds.key}`)"
+                f"(run `sashimi prepare --key {self.ds.key}`)"
             )
         splits = {
             s: load_split(prepared, s)
@@ -703,6 +816,7 @@ class Trainer:
             "config": dict(self.run.raw, key=self.run.key),
             "model_name": self.run.model_name,
             "model_kwargs": dict(self.run.model),
+            "dataset_config": self.ds_config,
             "kind": self.kind,
             "n_params": self.n_params,
         }
@@ -741,12 +855,17 @@ class Trainer:
                 )
             return False
         ckpt = load_checkpoint(last, "cpu")
-        check_compatible(ckpt, self.run, last)
-        if ckpt.get("kind", self.kind) != self.kind:
-            raise UserError(
-                f"{last}: checkpoint kind {ckpt.get('kind')!r} but runs.{self.run.key}.kind "
-                f"is {self.kind!r}; use --no-resume to start over"
-            )
+        change = checkpoint_config_change(ckpt, self.run, self.ds_config)
+        if change is not None:
+            what = f"{change[0]} changed {_fmt(change[1])} -> {_fmt(change[2])}"
+            if self.resume is True:
+                raise UserError(
+                    f"{last}: runs.{self.run.key}: {what} since this checkpoint; "
+                    "use --no-resume to start over"
+                )
+            if self.dist.is_main:
+                print(f"runs.{self.run.key}: {what}; starting a fresh run", file=sys.stderr)
+            return False
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
@@ -835,6 +954,7 @@ class Trainer:
         self._t0 = time.monotonic()
         resumed = self._restore()
         self._t0 = time.monotonic()
+        self.dist.barrier()  # every rank has read last.pt before a fresh start deletes it
         self._init_outputs(resumed)
         self.dist.barrier()
         max_steps = tc.max_steps
@@ -1022,7 +1142,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="continue from checkpoints/last.pt (default: when it exists)",
+        help="continue from checkpoints/last.pt (default: when it exists and was trained with "
+        "the same configuration, budget and logging keys aside; else start over)",
     )
     p.add_argument("--max-steps", type=int, help="override train.max_steps (total, over resumes)")
     p.add_argument(
@@ -1056,16 +1177,17 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     dist = init_distributed(device)
     try:
-        trainer = Trainer(
-            P,
-            run_cfg,
-            device=device,
-            dist=dist,
-            resume=args.resume,
-            root=Path(args.params).resolve().parent,
-            progress=False if args.no_progress else None,
-        )
-        summary = trainer.fit()
+        with kernel_compile_policy(run_cfg.train.compile, device):
+            trainer = Trainer(
+                P,
+                run_cfg,
+                device=device,
+                dist=dist,
+                resume=args.resume,
+                root=Path(args.params).resolve().parent,
+                progress=False if args.no_progress else None,
+            )
+            summary = trainer.fit()
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -416,20 +416,26 @@ class _FusedChain:
     """The same chain as ONE pure function of stacked tensors (fast path, eval semantics: no dropout).
 
     Every S4 layer steps in its diagonalised float64 form from `S4Kernel.modal_system()`
-    (poles lambda-bar and output weights c-hat, per channel), written in real arithmetic so
-    torch.compile can fuse it: with s = s_r + i s_i, lambda-bar = a + i b, g = c-hat lambda-bar,
-        y = sum_m (g_r s_r - g_i s_i) + (D + Re sum_m c-hat_m) u,   (= Re(c-hat . s_new) + D u)
-        s_r <- a s_r - b s_i + u,   s_i <- a s_i + b s_r,
-    then GELU -> output linear (-> GLU) as in S4Block. The state of all S4 layers of the chain
-    is one float64 tensor (n_s4, 2, B, H, M). Built only when every S4 layer is well
-    conditioned for the modal form; otherwise the chain stays generic.
+    (per channel: poles lambda-bar and output weights c-hat, state s_t = lambda-bar s_{t-1} + u_t,
+    y_t = Re(c-hat . s_t) + D u_t), reduced and rewritten for torch.compile:
+
+    - conjugate pairs: the conjugate-extended S4 system is real, so complex poles come in
+      conjugate pairs whose terms in y are conjugates; one mode of each clearly separated pair
+      is kept with its weight doubled (`_pair_conjugate_modes`, checked against all modes);
+    - the output reads the OLD state, y_t = Re((c-hat lambda-bar) . s_{t-1}) + (D + Re sum c-hat) u_t,
+      so output and update are independent passes over s;
+    - real arithmetic, s = s_r + i s_i with (s_r, s_i) stacked: (2, B, H, M) float64, and for
+      lambda-bar = a + i b: s_r <- a s_r - b s_i + u, s_i <- a s_i + b s_r.
+    Then GELU -> output linear (-> GLU) as in S4Block. The states of all S4 layers of the
+    chain are one tensor (n_s4, 2, B, H, M). Built only when every S4 layer is well
+    conditioned for the modal form (else the chain stays generic).
     """
 
     fused = True
 
     def __init__(self, blocks: Sequence[ResidualBlock]):
         kinds, norm_m, norm_s = [], [], []
-        lam, chat, D, Wo, bo, W1, b1, W2, b2 = [], [], [], [], [], [], [], [], []
+        lams, G, E, Wo, bo, W1, b1, W2, b2 = [], [], [], [], [], [], [], [], []
         glu = False
         with torch.no_grad():
             for blk in blocks:
@@ -437,17 +443,16 @@ class _FusedChain:
                 norm_m.append(blk.norm.m.reshape(()))
                 norm_s.append(blk.norm.s.reshape(()))
                 if isinstance(layer, S4Block):
-                    l, c, cond = layer.kernel.modal_system()  # (H, M), (1, H, M) complex128
+                    lam, c, cond = layer.kernel.modal_system()  # (H, N), (1, H, N) complex128
                     if cond >= _MAX_MODAL_COND or layer.bidirectional:
                         raise _NotFusable(f"S4 eigenvector condition number {cond:.1e}")
                     kinds.append("s4")
                     glu = layer.glu
-                    lam.append(torch.view_as_real(l).permute(2, 0, 1))  # (2, H, M): a, b
-                    # y_t = Re(c . (lam s_{t-1} + u_t)) + D u_t = Re((c lam) . s_{t-1}) + (D + Re sum c) u_t:
-                    # the output reads the OLD state, so update and output are one pass over it
-                    g = c[0] * l  # (H, M)
-                    chat.append(torch.view_as_real(g).permute(2, 0, 1))  # (2, H, M): g_r, g_i
-                    D.append(layer.D.double()[0] + c[0].real.sum(-1))  # (H,)
+                    E.append(layer.D.double()[0] + c[0].real.sum(-1))  # (H,)
+                    lam, c = _pair_conjugate_modes(lam, c[0])  # (H, M) each
+                    lams.append(torch.stack([lam.real, lam.imag]))  # (2, H, M): a, b
+                    g = c * lam  # (H, M)
+                    G.append(torch.stack([g.real, g.imag]))  # (2, H, M)
                     Wo.append(layer.output_linear.weight)
                     bo.append(layer.output_linear.bias)
                 elif isinstance(layer, FFBlock):
@@ -458,17 +463,18 @@ class _FusedChain:
                     b2.append(layer.linear2.bias)
                 else:
                     raise _NotFusable(f"layer {type(layer).__name__}")
+            # layers may keep different numbers of modes: pad with inert modes (pole 0, weight 0)
+            M = max((t.shape[-1] for t in lams), default=0)
+            lams, G = ([F.pad(t, (0, M - t.shape[-1])) for t in ts] for ts in (lams, G))
 
             def stack(ts):
                 return torch.stack([t.detach() for t in ts]).contiguous() if ts else torch.zeros(0)
 
             self.kinds, self.glu = tuple(kinds), glu
             self.params = tuple(
-                stack(t) for t in (norm_m, norm_s, lam, chat, D, Wo, bo, W1, b1, W2, b2)
+                stack(t) for t in (norm_m, norm_s, lams, G, E, Wo, bo, W1, b1, W2, b2)
             )
-        self.n_s4 = kinds.count("s4")
-        self.M = lam[0].shape[-1] if lam else 0
-        self.H = blocks[0].d_model
+        self.n_s4, self.M, self.H = kinds.count("s4"), M, blocks[0].d_model
 
     def default_state(self, batch: int, device) -> Tensor:
         return torch.zeros(self.n_s4, 2, batch, self.H, self.M, dtype=torch.float64, device=device)
@@ -484,11 +490,49 @@ class _NotFusable(Exception):
 _MAX_MODAL_COND = 1e10  # as S4Block: above this the float64 modal step loses accuracy
 
 
+def _pair_conjugate_modes(lam: Tensor, c: Tensor, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(H, N) poles and weights -> (H, M): one mode per clearly separated conjugate pair.
+
+    A mode m pairs with p = the mode nearest to conj(lambda_m) when, in every channel, the
+    pairing is mutual, p != m, p is the same index, and |lambda_p - conj lambda_m| <=
+    tol * |Im lambda_m| (two near-real poles are never taken for a pair). The kept mode
+    (Im > 0) gets the pair's averaged pole and weight, doubled: Re(c s) + Re(conj(c s)) =
+    2 Re(c s). Every other mode is kept as it is. The result is accepted only if its impulse
+    response Re(sum c lambda^l) matches the full one to 1e-6 (relative, per channel) at
+    l = 0..255 and 2^8..2^20; otherwise all N modes are returned unchanged.
+    """
+    H, N = lam.shape
+    idx = torch.arange(N, device=lam.device)
+    p = (lam.unsqueeze(-1) - lam.conj().unsqueeze(-2)).abs().argmin(-1)  # (H, N) partner
+    mismatch = (lam.gather(1, p) - lam.conj()).abs()  # (H, N)
+    paired = (
+        (p.gather(1, p) == idx) & (p != idx) & (p == p[:1]) & (mismatch <= tol * lam.imag.abs())
+    ).all(0)  # (N,)
+    paired &= paired[p[0]]
+    keep_pair = paired & (lam.imag > 0).all(0)  # (N,)
+    drop = torch.zeros(N, dtype=torch.bool, device=lam.device)
+    drop[p[0][keep_pair]] = True
+    if not keep_pair.any() or (keep_pair & drop).any() or int(keep_pair.sum()) != int(drop.sum()):
+        return lam, c
+    lam2 = torch.where(keep_pair, (lam + lam.gather(1, p).conj()) / 2, lam)[:, ~drop]  # (H, M)
+    c2 = torch.where(keep_pair, c + c.gather(1, p).conj(), c)[:, ~drop]  # (H, M)
+    ls = torch.cat([torch.arange(256.0), 2.0 ** torch.arange(8, 21)]).to(lam.real)  # taps l
+
+    def response(lam: Tensor, c: Tensor) -> Tensor:  # Re(sum_m c_m lambda_m^l), (H, len(ls))
+        return (c.unsqueeze(-1) * lam.unsqueeze(-1) ** ls).sum(-2).real
+
+    full = response(lam, c)
+    dev = (response(lam2, c2) - full).abs().amax(-1) / full.abs().amax(-1).clamp_min(1e-30)
+    if dev.max() > 1e-6:  # pairing moved the impulse response: keep every mode
+        return lam, c
+    return lam2, c2
+
+
 def _fused_chain_step(
     x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu: bool
 ) -> tuple[Tensor, Tensor]:
     """x (B, H), state (n_s4, 2, B, H, M) float64 -> (x, new state). See _FusedChain."""
-    norm_m, norm_s, lam, chat, D, Wo, bo, W1, b1, W2, b2 = params
+    norm_m, norm_s, lam, G, E, Wo, bo, W1, b1, W2, b2 = params
     new = []
     j = f = 0
     for k, kind in enumerate(kinds):
@@ -498,7 +542,7 @@ def _fused_chain_step(
             u = z.to(torch.float64)  # (B, H)
             sr, si = state[j, 0], state[j, 1]  # (B, H, M)
             a, b = lam[j, 0], lam[j, 1]  # (H, M)
-            y = (chat[j, 0] * sr - chat[j, 1] * si).sum(-1) + D[j] * u  # (B, H)
+            y = (G[j, 0] * sr - G[j, 1] * si).sum(-1) + E[j] * u  # (B, H), from the old state
             new.append(torch.stack([a * sr - b * si + u.unsqueeze(-1), a * si + b * sr]))
             h = F.linear(F.gelu(y.to(x.dtype)), Wo[j], bo[j])  # (B, H or 2H)
             if glu:
