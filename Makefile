@@ -16,8 +16,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# the rules call `sashimi ...`: put the virtualenv first on PATH
 demo: install
-	$(BIN)/snakemake --cores $(CORES) all
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) all
 
 test: install
 	$(BIN)/python -m pytest -q
