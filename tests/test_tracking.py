@@ -195,7 +195,8 @@ def test_training_run_is_mirrored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_prepared(tmp_path)
     write_params(tmp_path, {"tiny": tiny_run(train={"max_steps": 10, "log_every": 2})})
-    monkeypatch.setenv("SASHIMI_TRACKING", "1")
+    # in-process MLflow: one import for the five jobs (the worker process has its own test)
+    monkeypatch.setenv("SASHIMI_TRACKING", "inprocess")
     monkeypatch.setenv("SASHIMI_PROGRESS", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli("train", "--run", "tiny") == 0

@@ -14,7 +14,8 @@ turns itself off for the rest of the job.
 - Run name = run key. The MLflow run id is remembered in `<run_dir>/mlflow_run.json`, so a
   resumed training job, `sashimi sample` and `sashimi evaluate` add to the same MLflow run
   (`reuse=False`, a fresh training run, starts a new one).
-- `SASHIMI_TRACKING=0` disables tracking entirely.
+- `SASHIMI_TRACKING=0` disables tracking entirely; `SASHIMI_TRACKING=inprocess` makes the MLflow
+  calls in the job's own process instead of a worker process (tests, debugging).
 - Cost: importing MLflow and opening an SQLite store takes about 2.5 s of CPU per job. So
   by default MLflow runs in a worker process (`python -c ...tracking._serve`) that the
   job feeds through a pipe: the job never imports mlflow, its own work overlaps the
@@ -49,6 +50,11 @@ def tracking_enabled() -> bool:
         "no",
         "off",
     )
+
+
+def _background_default() -> bool:
+    """SASHIMI_TRACKING=inprocess: MLflow in the job's own process (no worker process)."""
+    return os.environ.get("SASHIMI_TRACKING", "1").strip().lower() != "inprocess"
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -286,7 +292,7 @@ class Tracker:
     >>> with Tracker("sashimi-sc09", P.flat("sashimi-sc09"), run_dir=run.run_dir) as tr:
     ...     tr.log_metrics({"train/loss": 1.2}, step=10)
 
-    With `background=True` (the default) MLflow lives in a worker process (`_serve`) fed
+    With `background=True` (the default unless SASHIMI_TRACKING=inprocess) MLflow lives in a worker process (`_serve`) fed
     through a pipe: `start()` and the logging methods return at once, the worker imports
     MLflow and logs while the job computes (a thread would not do: its imports hold the GIL
     and stall a Python-heavy job, such as step-by-step sampling, several-fold), and
@@ -307,7 +313,7 @@ class Tracker:
         reuse: bool = True,
         flush_every_s: float = 10.0,
         flush_size: int = 200,
-        background: bool = True,
+        background: bool | None = None,
     ) -> None:
         self.run_key = run_key
         self.params = dict(params or {})
@@ -318,7 +324,7 @@ class Tracker:
         self.reuse = reuse
         self.flush_every_s = flush_every_s
         self.flush_size = flush_size
-        self.background = background
+        self.background = _background_default() if background is None else background
         self.uri = default_tracking_uri(self.root)
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step)
         self._last_flush = time.monotonic()
@@ -531,7 +537,8 @@ def _serve() -> None:
     threading.Thread(target=reader, daemon=True).start()
 
     def emit(**msg) -> None:
-        out.write(json.dumps(msg) + "\n")
+        with contextlib.suppress(OSError, ValueError):  # the job may be gone already
+            out.write(json.dumps(msg) + "\n")
 
     session, ended = None, False
     while (line := ops.get()) is not None:
@@ -556,7 +563,8 @@ def _serve() -> None:
             ended = True
     if session is not None and not ended:
         session.end("KILLED")
-    out.close()
+    with contextlib.suppress(OSError, ValueError):
+        out.close()
 
 
 def _retryable(e: BaseException) -> bool:

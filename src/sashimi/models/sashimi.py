@@ -448,10 +448,11 @@ class _FusedChain:
                         raise _NotFusable(f"S4 eigenvector condition number {cond:.1e}")
                     kinds.append("s4")
                     glu = layer.glu
-                    E.append(layer.D.double()[0])  # (H,)
+                    E.append(layer.D.double()[0] + c[0].real.sum(-1))  # (H,)
                     lam, c = _pair_conjugate_modes(lam, c[0])  # (H, M) each
                     lams.append(torch.stack([lam.real, lam.imag]))  # (2, H, M): a, b
-                    G.append(torch.stack([c.real, c.imag]))  # (2, H, M)
+                    g = c * lam  # (H, M)
+                    G.append(torch.stack([g.real, g.imag]))  # (2, H, M)
                     Wo.append(layer.output_linear.weight)
                     bo.append(layer.output_linear.bias)
                 elif isinstance(layer, FFBlock):
@@ -475,9 +476,8 @@ class _FusedChain:
             )
         self.n_s4, self.M, self.H = kinds.count("s4"), M, blocks[0].d_model
 
-    def default_state(self, batch: int, device) -> tuple[Tensor, Tensor]:
-        shape = (self.n_s4, batch, self.H, self.M)
-        return tuple(torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(2))
+    def default_state(self, batch: int, device) -> Tensor:
+        return torch.zeros(self.n_s4, 2, batch, self.H, self.M, dtype=torch.float64, device=device)
 
     def __call__(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return _fused_chain_step(x, state, self.params, self.kinds, self.glu)
@@ -540,11 +540,10 @@ def _fused_chain_step(
         z = (x - mean + norm_m[k]) * (norm_s[k] / std)  # ChannelNorm, (B, H)
         if kind == "s4":
             u = z.to(torch.float64)  # (B, H)
-            sr, si = state[0][j], state[1][j]  # (B, H, M)
+            sr, si = state[j, 0], state[j, 1]  # (B, H, M)
             a, b = lam[j, 0], lam[j, 1]  # (H, M)
-            sr, si = a * sr - b * si + u.unsqueeze(-1), a * si + b * sr
-            y = (G[j, 0] * sr - G[j, 1] * si).sum(-1) + E[j] * u  # (B, H)
-            new.append((sr, si))
+            y = (G[j, 0] * sr - G[j, 1] * si).sum(-1) + E[j] * u  # (B, H), from the old state
+            new.append(torch.stack([a * sr - b * si + u.unsqueeze(-1), a * si + b * sr]))
             h = F.linear(F.gelu(y.to(x.dtype)), Wo[j], bo[j])  # (B, H or 2H)
             if glu:
                 h = F.glu(h, dim=-1)
@@ -553,9 +552,7 @@ def _fused_chain_step(
             h = F.linear(F.gelu(F.linear(z, W1[f], b1[f])), W2[f], b2[f])  # (B, H)
             f += 1
         x = x + h
-    if not new:
-        return x, state
-    return x, (torch.stack([n[0] for n in new]), torch.stack([n[1] for n in new]))
+    return x, (torch.stack(new) if new else state)
 
 
 class _Stepper:
