@@ -15,31 +15,43 @@ import pytest
 from test_train import cli, make_prepared, register_tiny_models, tiny_run, write_params
 
 WRITER = textwrap.dedent("""
-    import sys
+    import os, sys
+    from pathlib import Path
     from sashimi.tracking import Tracker
-    key, root = sys.argv[1], sys.argv[2]
-    with Tracker(key, {"train.lr": 0.001, "who": key}, root=root, flush_every_s=0.0) as tr:
-        assert tr.run_id, "tracker did not start"
-        for step in range(1, 11):
-            tr.log_metrics({"train/loss": 1.0 / step, "lr": 0.001}, step=step)
-    print("ok", key)
+    key, root = sys.argv[1], Path(sys.argv[2])
+    tr = Tracker(key, {"train.lr": 0.001, "who": key}, root=root, flush_every_s=0.0).start()
+    for step in range(1, 11):
+        tr.log_metrics({"train/loss": 1.0 / step, "lr": 0.001}, step=step)
+    tr.set_tag("checkpoint", key)
+    tr.log_artifact(root / "a.txt", "files")
+    if key == "killed":  # the job dies without closing: the worker ends the run as KILLED
+        tr.flush()
+        os._exit(0)
+    tr.close()
+    assert tr.run_id, "tracker did not start"
+    assert "mlflow" not in sys.modules, "the job imported mlflow itself (not its worker)"
+    print("ok", key, tr.worker_pid, os.getpid())
 """)
 
 
 @pytest.mark.slow
 def test_parallel_writers_one_sqlite_store(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="1")
+    """Jobs logging at once (each through its own MLflow worker process) share one SQLite
+    store; the workers log everything in order; a job killed before closing leaves its run
+    KILLED."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="worker")
     env.pop("MLFLOW_TRACKING_URI", None)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    keys = [f"job-{i}" for i in range(3)]
+    (tmp_path / "a.txt").write_text("hi")
+    keys = [f"job-{i}" for i in range(3)] + ["killed"]
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), k, str(tmp_path)],
             env=env,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE,  # shared with the job's worker: EOF once both are done
             text=True,
         )
         for k in keys
@@ -54,10 +66,57 @@ def test_parallel_writers_one_sqlite_store(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sashimi")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == keys
+    assert sorted(r.info.run_name for r in runs) == sorted(keys)
     for r in runs:
-        assert r.info.status == "FINISHED"
-        assert r.data.params["who"] == r.info.run_name
+        name = r.info.run_name
+        assert r.info.status == ("KILLED" if name == "killed" else "FINISHED")
+        assert r.data.params["who"] == name and r.data.tags["checkpoint"] == name
+        hist = client.get_metric_history(r.info.run_id, "train/loss")
+        assert sorted(m.step for m in hist) == list(range(1, 11))
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "files")] == ["files/a.txt"]
+
+
+def test_shared_daemon_serves_every_job_then_exits(tmp_path):
+    """By default jobs hand their MLflow calls to one shared daemon (mlflow imported once),
+    which logs each job's run in order and exits when idle, removing its socket."""
+    import time
+
+    from sashimi.tracking import daemon_address
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="1", SASHIMI_TRACKING_IDLE_S="2")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    (tmp_path / "a.txt").write_text("hi")
+    pids = {}
+    for key in ("first", "second", "killed"):
+        out = subprocess.run(
+            [sys.executable, str(script), key, str(tmp_path)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "warning: MLflow" not in out.stderr, out.stderr[-2000:]
+        if key != "killed":
+            _, _, worker, job = out.stdout.split()
+            pids[key] = (int(worker), int(job))
+    (w1, j1), (w2, j2) = pids["first"], pids["second"]
+    assert w1 == w2 and w1 not in (j1, j2)  # one daemon, not the jobs
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sashimi").experiment_id
+    address = daemon_address(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    t0 = time.monotonic()
+    while True:  # the killed job's run is ended by the daemon, which then idles out
+        runs = {r.info.run_name: r for r in client.search_runs([exp])}
+        if runs.get("killed") and runs["killed"].info.status == "KILLED":
+            if not os.path.exists(address):
+                break
+        assert time.monotonic() - t0 < 60, ({k: r.info.status for k, r in runs.items()}, address)
+        time.sleep(0.1)
+    assert runs["first"].info.status == runs["second"].info.status == "FINISHED"
+    for r in runs.values():
         hist = client.get_metric_history(r.info.run_id, "train/loss")
         assert sorted(m.step for m in hist) == list(range(1, 11))
 
@@ -69,7 +128,7 @@ def test_broken_store_warns_once_and_never_raises(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv(
         "MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'mlflow.db'}"
     )
-    monkeypatch.setenv("SASHIMI_TRACKING", "1")
+    monkeypatch.setenv("SASHIMI_TRACKING", "inprocess")
     monkeypatch.setattr("sashimi.tracking._RETRIES", (0.01,))
     with Tracker("x", {"a": 1}, root=tmp_path) as tr:
         tr.log_metrics({"loss": 1.0}, step=1)
@@ -87,89 +146,12 @@ def test_training_survives_a_broken_tracking_uri(tmp_path, monkeypatch, capsys):
     write_params(tmp_path, {"tiny": tiny_run(train={"max_steps": 6})})
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
-    monkeypatch.setenv("SASHIMI_TRACKING", "1")
+    monkeypatch.setenv("SASHIMI_TRACKING", "1")  # the shared daemon reports the failure
+    monkeypatch.setenv("SASHIMI_TRACKING_IDLE_S", "1")
     monkeypatch.setenv("SASHIMI_PROGRESS", "0")
-    monkeypatch.setattr("sashimi.tracking._RETRIES", (0.01,))
     assert cli("train", "--run", "tiny") == 0
     assert "warning: MLflow tracking off" in capsys.readouterr().err
     assert (tmp_path / "results/runs/tiny/checkpoints/last.pt").is_file()
-
-
-BACKGROUND = textwrap.dedent("""
-    import os, sys
-    from pathlib import Path
-    from sashimi.tracking import Tracker
-    root, mode = Path(sys.argv[1]), sys.argv[2]
-    tr = Tracker("bg-" + mode, {"p": 1}, root=root, flush_every_s=0.0).start()
-    for step in range(1, 6):
-        tr.log_metrics({"loss": 1.0 / step}, step=step)
-    tr.set_tag("checkpoint", "x")
-    tr.log_artifact(root / "a.txt", "files")
-    if mode == "killed":  # the job dies without closing: the worker ends the run as KILLED
-        tr.flush()
-        os._exit(0)
-    tr.close()
-    assert "mlflow" not in sys.modules, "the job imported mlflow itself"
-    print(tr.run_id)
-""")
-
-
-def test_mlflow_runs_in_a_worker_process_in_order(tmp_path):
-    """The job never imports mlflow: a worker process does the MLflow calls, in order; close()
-    waits for it; a job that dies without closing leaves its run KILLED, not RUNNING."""
-    import time
-
-    env = dict(os.environ, SASHIMI_TRACKING="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    (tmp_path / "a.txt").write_text("hi")
-    script = tmp_path / "bg.py"
-    script.write_text(BACKGROUND)
-    out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "closed"],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    run_id = out.stdout.strip().splitlines()[-1]
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    r = client.get_run(run_id)
-    assert r.info.status == "FINISHED" and r.data.tags["checkpoint"] == "x"
-    assert r.data.params["p"] == "1"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]
-    assert [a.path for a in client.list_artifacts(run_id, "files")] == ["files/a.txt"]
-
-    out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "killed"],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    exp = client.get_experiment_by_name("sashimi").experiment_id
-    t0 = time.monotonic()
-    while True:  # the orphaned worker finishes on its own
-        runs = client.search_runs([exp], "attributes.run_name = 'bg-killed'")
-        if runs and runs[0].info.status == "KILLED":
-            break
-        assert time.monotonic() - t0 < 120, [x.info.status for x in runs]
-        time.sleep(0.2)
-    hist = client.get_metric_history(runs[0].info.run_id, "loss")
-    assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5]
-
-
-def test_in_process_mode(tmp_path, monkeypatch):
-    from sashimi.tracking import Tracker
-
-    monkeypatch.setenv("SASHIMI_TRACKING", "1")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with Tracker("sync", root=tmp_path, background=False) as tr:
-        assert tr._proc is None and tr.active
-        tr.log_metrics({"loss": 2.0}, step=1)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_run(tr.run_id).info.status == "FINISHED"
-    assert [m.value for m in client.get_metric_history(tr.run_id, "loss")] == [2.0]
 
 
 def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch):

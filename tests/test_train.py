@@ -490,38 +490,6 @@ def test_config_change_helpers():
     assert config_change(a, d) == ("model.e", "<unset>", [1, 2])
 
 
-def test_s4_kernels_stay_eager_on_cpu_unless_compile(workdir, monkeypatch):
-    import os
-
-    from sashimi import train as T
-    from sashimi.ssm.kernels import compile_enabled
-
-    monkeypatch.delenv("SASHIMI_COMPILE", raising=False)
-    cpu = torch.device("cpu")
-    with T.kernel_compile_policy(False, cpu):
-        assert os.environ["SASHIMI_COMPILE"] == "0" and not compile_enabled(1 << 30)
-    assert "SASHIMI_COMPILE" not in os.environ
-    for compile, device in ((True, cpu), (False, torch.device("cuda", 0))):
-        with T.kernel_compile_policy(compile, device):
-            assert "SASHIMI_COMPILE" not in os.environ
-    monkeypatch.setenv("SASHIMI_COMPILE", "1")  # the user's choice wins
-    with T.kernel_compile_policy(False, cpu):
-        assert os.environ["SASHIMI_COMPILE"] == "1"
-    monkeypatch.delenv("SASHIMI_COMPILE")
-
-    seen = []
-    orig = T.Trainer._train_step
-
-    def spy(self, x, y):
-        seen.append(os.environ.get("SASHIMI_COMPILE"))
-        return orig(self, x, y)
-
-    monkeypatch.setattr(T.Trainer, "_train_step", spy)
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
-    assert cli("train", "--run", "tiny", "--device", "cpu") == 0
-    assert seen == ["0", "0"] and "SASHIMI_COMPILE" not in os.environ
-
-
 def test_max_steps_and_minutes_overrides(workdir):
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 1000, "ckpt_every": 1000})})
     assert cli("train", "--run", "tiny", "--max-steps", "7") == 0

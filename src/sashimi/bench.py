@@ -19,8 +19,10 @@ synthetic tokens; `--model-kwargs '{"n_layers": 2}'` overrides sizes.
 Then `naive_seconds_per_step` and `speedup` are reported too.
 
 Output keys: seconds_per_step, peak_rss_mb (the process's peak resident set so far),
-params, device, model, batch, length | steps, threads, and for generation
-realtime_factor = seconds of 16 kHz audio produced per wall-clock second (all clips).
+params, device, model, batch, length | steps, threads, load_average (the machine's
+1-minute load before and after), and for generation realtime_factor = seconds of 16 kHz
+audio produced per wall-clock second (all clips together); generation is timed in 8
+chunks and seconds_per_step is the median chunk's (seconds_per_step_mean: all chunks).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -251,13 +254,21 @@ def bench_generate(args) -> dict:
         run()
         _sync(device)
     res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    # timed in 8 chunks: the median chunk is robust to a burst of load from other processes
+    n_chunks = min(8, args.steps)
+    chunk = args.steps // n_chunks
     run, _ = _generate_loop(
-        model.step, model.default_state(args.batch, device=device), args.batch, args.steps, device
+        model.step, model.default_state(args.batch, device=device), args.batch, chunk, device
     )
     with torch.no_grad():
-        (elapsed,) = _time(run, 1, 0, device)
-    res.update(seconds_per_step=elapsed / args.steps, peak_rss_mb=round(peak_rss_mb(), 1),
-               realtime_factor=round(args.batch * args.steps / SAMPLE_RATE / elapsed, 4))  # fmt: skip
+        times = _time(run, n_chunks, 0, device)
+    per_step = statistics.median(times) / chunk
+    res.update(
+        seconds_per_step=per_step,
+        seconds_per_step_mean=sum(times) / (chunk * n_chunks),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        realtime_factor=round(args.batch / SAMPLE_RATE / per_step, 4),
+    )
 
     if args.naive:
         nsteps = args.naive_steps or args.steps
@@ -305,6 +316,11 @@ def bench_sample(args) -> dict:
     )
     T = int(model.T)
     g = torch.Generator(device=device)
+    with torch.no_grad(), _autocast(args, device):  # warm-up call (kernel set-up, allocator)
+        model(
+            torch.zeros(args.batch, args.length, device=device),
+            torch.zeros(args.batch, dtype=torch.long, device=device),
+        )
 
     def timed(fn) -> float:
         with _autocast(args, device):
@@ -392,5 +408,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fn = {"train": bench_train, "generate": bench_generate, "sample": bench_sample}[args.bench]
-    _emit(fn(args), args.out)
+    load_before = os.getloadavg()[0]
+    result = fn(args)
+    # 1-minute load average of the machine before / after: timings on a loaded machine are noisy
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    _emit(result, args.out)
     return 0

@@ -361,45 +361,39 @@ def run(args: argparse.Namespace) -> int:
         and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
     )
     from sashimi.tracking import Tracker
-    from sashimi.train import kernel_compile_policy, load_model
+    from sashimi.train import load_model
 
-    res: dict[str, Any] = {}
-    with kernel_compile_policy(run_cfg.train.compile, device):
-        model, ckpt = load_model(args.checkpoint or run_cfg.run_dir, map_location=device)
-        # MLflow (a few seconds of imports) starts in the background while we evaluate
-        tracker = Tracker(
-            run_cfg.key, run_dir=run_cfg.run_dir, root=Path(args.params).resolve().parent
-        ).start()
-        try:
-            res["params"] = sum(p.numel() for p in model.parameters())
-            res.update(training_budget(run_cfg, ckpt))
-            if "nll" in wanted:
-                res.update(
-                    evaluate_nll(
-                        P,
-                        run_cfg,
-                        checkpoint=args.checkpoint,
-                        split=split,
-                        device=device,
-                        batch_size=args.batch_size,
-                        progress=progress,
-                        loaded=(model, ckpt),
-                    )
+    model, ckpt = load_model(args.checkpoint or run_cfg.run_dir, map_location=device)
+    # MLflow (its own worker process) starts now and logs while we evaluate
+    tracker = Tracker(
+        run_cfg.key, run_dir=run_cfg.run_dir, root=Path(args.params).resolve().parent
+    ).start()
+    res: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    try:
+        res.update(training_budget(run_cfg, ckpt))
+        if "nll" in wanted:
+            res.update(
+                evaluate_nll(
+                    P,
+                    run_cfg,
+                    checkpoint=args.checkpoint,
+                    split=split,
+                    device=device,
+                    batch_size=args.batch_size,
+                    progress=progress,
+                    loaded=(model, ckpt),
                 )
-            del model, ckpt  # the sc09 scoring needs neither
-            if "sc09" in wanted:
-                res.update(
-                    evaluate_sc09(
-                        P,
-                        run_cfg,
-                        classifier_path=classifier_path,
-                        samples=args.samples,
-                        device=device,
-                    )
+            )
+        del model, ckpt  # the sc09 scoring needs neither
+        if "sc09" in wanted:
+            res.update(
+                evaluate_sc09(
+                    P, run_cfg, classifier_path=classifier_path, samples=args.samples, device=device
                 )
-        except BaseException as e:
-            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
+            )
+    except BaseException as e:
+        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     out = args.out or Path(run_cfg.run_dir) / "metrics.json"
     merge_metrics(out, res)
     _track(tracker, res)

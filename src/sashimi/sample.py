@@ -483,22 +483,14 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from sashimi.config import load_params
-    from sashimi.train import kernel_compile_policy, pick_device
+    from sashimi.train import pick_device
 
     P = load_params(args.params)
     run_cfg = P.run(args.run)
     if run_cfg.kind == "classifier":
         raise UserError(f"runs.{args.run}: a classifier run does not generate audio")
     sc = run_cfg.sample
-    device = pick_device(args.device)
-    with kernel_compile_policy(run_cfg.train.compile, device):
-        summary = _sample(args, P, run_cfg, sc, device)
-    print(json.dumps(summary))
-    return 0
-
-
-def _sample(args: argparse.Namespace, P, run_cfg, sc, device: torch.device) -> dict:
-    return sample_run(
+    summary = sample_run(
         P,
         run_cfg,
         n=args.n if args.n is not None else sc.n,
@@ -510,10 +502,12 @@ def _sample(args: argparse.Namespace, P, run_cfg, sc, device: torch.device) -> d
         out=args.out,
         prefix=args.prefix,
         prefix_seconds=args.prefix_seconds,
-        device=device,
+        device=pick_device(args.device),
         seed=args.seed,
         sampler=args.sampler,
         fast_steps=args.fast_steps,
         progress=False if args.no_progress else None,
         root=Path(args.params).resolve().parent,
     )
+    print(json.dumps(summary))
+    return 0

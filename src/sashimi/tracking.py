@@ -14,13 +14,16 @@ turns itself off for the rest of the job.
 - Run name = run key. The MLflow run id is remembered in `<run_dir>/mlflow_run.json`, so a
   resumed training job, `sashimi sample` and `sashimi evaluate` add to the same MLflow run
   (`reuse=False`, a fresh training run, starts a new one).
-- `SASHIMI_TRACKING=0` disables tracking entirely; `SASHIMI_TRACKING=inprocess` makes the MLflow
-  calls in the job's own process instead of a worker process (tests, debugging).
-- Cost: importing MLflow and opening an SQLite store takes about 2.5 s of CPU per job. So
-  by default MLflow runs in a worker process (`python -c ...tracking._serve`) that the
-  job feeds through a pipe: the job never imports mlflow, its own work overlaps the
-  worker's (on another core when one is free), metrics are buffered and sent in batches,
-  and `close()` waits for the worker to finish.
+- `SASHIMI_TRACKING=0` disables tracking entirely.
+- Cost: importing MLflow and opening an SQLite store takes about 2.5 s of CPU, more than the
+  rest of a short job's fixed cost. So a job never imports mlflow itself: it feeds its
+  operations as JSON lines to a tracking daemon shared by all jobs of the store on this
+  machine (MLflow imported once per DAG, not once per job; the daemon exits after
+  `SASHIMI_TRACKING_IDLE_S` = 30 s without jobs), or, if that fails or
+  `SASHIMI_TRACKING=worker`, to a worker process of its own (the import then overlaps the
+  job's work when a core is free). `SASHIMI_TRACKING=inprocess` makes the calls in the job
+  (tests, debugging). Metrics are buffered and sent in batches; `close()` waits until
+  everything is logged. A job killed before `close()` leaves its MLflow run KILLED.
 """
 
 from __future__ import annotations
@@ -52,9 +55,13 @@ def tracking_enabled() -> bool:
     )
 
 
-def _background_default() -> bool:
-    """SASHIMI_TRACKING=inprocess: MLflow in the job's own process (no worker process)."""
-    return os.environ.get("SASHIMI_TRACKING", "1").strip().lower() != "inprocess"
+MODES = ("shared", "worker", "inprocess")
+
+
+def tracking_mode() -> str:
+    """Where MLflow calls run: SASHIMI_TRACKING=worker / inprocess, else "shared"."""
+    mode = os.environ.get("SASHIMI_TRACKING", "1").strip().lower()
+    return mode if mode in MODES else "shared"
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -292,13 +299,18 @@ class Tracker:
     >>> with Tracker("sashimi-sc09", P.flat("sashimi-sc09"), run_dir=run.run_dir) as tr:
     ...     tr.log_metrics({"train/loss": 1.2}, step=10)
 
-    With `background=True` (the default unless SASHIMI_TRACKING=inprocess) MLflow lives in a worker process (`_serve`) fed
-    through a pipe: `start()` and the logging methods return at once, the worker imports
-    MLflow and logs while the job computes (a thread would not do: its imports hold the GIL
-    and stall a Python-heavy job, such as step-by-step sampling, several-fold), and
-    `close()` waits for it to finish. `background=False` makes every call in-process.
-    Logging before `start()`, after `close()` or after a failure is dropped; `run_id` and
-    `active` wait for the start to complete.
+    Where the MLflow calls run (`mode`, default from SASHIMI_TRACKING):
+    - "shared" (default): in a tracking daemon shared by every job of this store on this
+      machine (`_daemon`, a Unix socket in the temp folder; started by the first job, gone
+      after SASHIMI_TRACKING_IDLE_S seconds (30) without jobs). MLflow is imported once
+      per DAG instead of once per job. Falls back to "worker" if the daemon is unreachable.
+    - "worker": in a worker process of this job (`_serve`), fed through a pipe.
+    - "inprocess": in the job's own process, synchronously.
+    In the first two, `start()` and the logging methods return at once and the job never
+    imports mlflow (a thread would not do: its imports hold the GIL and stall a
+    Python-heavy job, such as step-by-step sampling, several-fold); `close()` waits until
+    everything is logged. Logging before `start()`, after `close()` or after a failure is
+    dropped; `run_id` and `active` wait for the start to complete.
     """
 
     def __init__(
@@ -313,7 +325,7 @@ class Tracker:
         reuse: bool = True,
         flush_every_s: float = 10.0,
         flush_size: int = 200,
-        background: bool | None = None,
+        mode: str | None = None,
     ) -> None:
         self.run_key = run_key
         self.params = dict(params or {})
@@ -324,16 +336,19 @@ class Tracker:
         self.reuse = reuse
         self.flush_every_s = flush_every_s
         self.flush_size = flush_size
-        self.background = _background_default() if background is None else background
+        self.mode = tracking_mode() if mode is None else mode
+        if self.mode not in MODES:
+            raise ValueError(f"Tracker mode {self.mode!r}: expected one of {', '.join(MODES)}")
         self.uri = default_tracking_uri(self.root)
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step)
         self._last_flush = time.monotonic()
         self._begun = self._closed = self._failed = False
-        self._session: _Session | None = None  # in-process mode
-        self._proc: subprocess.Popen | None = None  # background mode: the worker
-        self._pending = b""  # worker output not yet parsed
+        self._session: _Session | None = None  # "inprocess"
+        self._chan: _Channel | None = None  # "shared" / "worker": the line to the worker
+        self._pending = b""  # worker reports not yet parsed
         self._started = False  # the worker reported its start
         self._run_id: str | None = None
+        self.worker_pid: int | None = None  # the process doing the MLflow calls
 
     # ------------------------------------------------------------------ state
     @property
@@ -341,7 +356,7 @@ class Tracker:
         """The MLflow run id (waits for a background start); None when off or failed."""
         if self._session is not None:
             return self._session.run_id
-        if self._proc is not None and not self._started:
+        if self._chan is not None and not self._started:
             self._read(until=lambda: self._started)
         return self._run_id
 
@@ -372,24 +387,24 @@ class Tracker:
             "reuse": self.reuse,
             "uri": self.uri,
         }
-        if not self.background:
+        if self.mode == "inprocess":
             self._session = _Session(**cfg)
             self._session.start()
+            self.worker_pid = os.getpid()
             return self
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from sashimi.tracking import _serve; _serve()"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-        except OSError as e:
-            self._fail(f"start failed: {e}")
-            return self
+        if self.mode == "shared":
+            self._chan = _Channel.to_daemon(daemon_address(self.uri))
+        if self._chan is None:
+            try:
+                self._chan = _Channel.to_worker()
+            except OSError as e:
+                self._fail(f"start failed: {e}")
+                return self
         self._send({"op": "start", **cfg})
         return self
 
     def close(self, status: str = "FINISHED") -> None:
-        """Send what is buffered, end the MLflow run with `status`, wait for the worker."""
+        """Send what is buffered, end the MLflow run with `status`, wait until it is all logged."""
         if not self.enabled or not self._begun or self._closed:
             return
         self.flush()
@@ -397,16 +412,16 @@ class Tracker:
         if self._session is not None:
             self._session.end(status)
             return
-        if self._proc is None:
+        if self._chan is None:
             return
         self._send({"op": "end", "status": status})
         self._send({"op": "exit"})
-        with contextlib.suppress(OSError):
-            self._proc.stdin.close()
-        self._read(until=lambda: False)  # every report, up to the worker's exit
-        if self._proc.wait() != 0:
-            self._fail(f"the tracking worker exited with status {self._proc.returncode}")
-        self._proc = None
+        self._chan.finish()
+        self._read(until=lambda: False)  # every report, up to the end of the line
+        rc = self._chan.wait()
+        if rc:
+            self._fail(f"the tracking worker exited with status {rc}")
+        self._chan = None
 
     def __enter__(self) -> Tracker:
         return self.start()
@@ -420,30 +435,32 @@ class Tracker:
             status = "FAILED"
         self.close(status)
 
-    # ------------------------------------------------------------------ the worker pipe
+    # ------------------------------------------------------------------ the worker line
     def _send(self, msg: dict) -> None:
-        if self._proc is None or self._failed:
+        if self._chan is None or self._failed:
             return
         try:
-            self._proc.stdin.write(json.dumps(msg, default=str).encode() + b"\n")
-            self._proc.stdin.flush()
-        except (OSError, ValueError):  # the worker died
+            self._chan.send(json.dumps(msg, default=str).encode() + b"\n")
+        except OSError:  # the worker is gone
             self._read(until=lambda: False)
             self._fail("the tracking worker exited")
 
     def _read(self, until, block: bool = True) -> None:
-        """Handle the worker's reports (JSON lines) until `until()` holds or it exits; with
-        block=False only what is already there."""
+        """Handle the worker's reports (JSON lines) until `until()` holds or the line ends;
+        with block=False only what is already there."""
         import select
 
-        if self._proc is None or self._proc.stdout is None:
+        if self._chan is None:
             return
-        fd = self._proc.stdout.fileno()
+        fd = self._chan.rfd
         while not until():
             if not block and not select.select([fd], [], [], 0)[0]:
                 return
-            chunk = os.read(fd, 65536)
-            if not chunk:  # EOF: the worker is gone
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # reset by a dying worker
+                chunk = b""
+            if not chunk:  # the worker is gone (or done)
                 if not self._started:
                     self._fail("the tracking worker exited before starting")
                 self._started = True
@@ -458,6 +475,7 @@ class Tracker:
             self._fail(msg["warning"])
         if "started" in msg:
             self._started, self._run_id = True, msg["started"]
+            self.worker_pid = msg.get("pid")
 
     def _fail(self, text: str) -> None:
         if self._failed:
@@ -485,10 +503,10 @@ class Tracker:
             self.flush()
 
     def flush(self) -> None:
-        """Send the buffered metrics (to the worker, which logs them in the background)."""
+        """Send the buffered metrics (logged in the background unless in-process)."""
         batch, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
-        if self._proc is not None:
+        if self._chan is not None:
             self._read(until=lambda: False, block=False)  # surface a failure early
         if not batch or not self._usable():
             return
@@ -518,13 +536,108 @@ class Tracker:
             self._send({"op": "artifact", "path": path, "artifact_path": artifact_path})
 
 
-def _serve() -> None:
-    """The tracking worker process: JSON operations on stdin, one `_Session`, JSON reports on
-    stdout ({"started": run_id | null}, {"warning": text}). Without an "end" before stdin
-    closes (the job was killed) the run ends as KILLED."""
+# ============================================================================ the workers
+class _Channel:
+    """A job's line to the process doing its MLflow calls: JSON lines out (`send`), reports
+    back on `rfd`. Either a worker process of its own (pipes) or the shared daemon (socket)."""
+
+    def __init__(self, wfd: int, rfd: int, proc=None, sock=None) -> None:
+        self.wfd, self.rfd, self.proc, self.sock = wfd, rfd, proc, sock
+
+    @classmethod
+    def to_worker(cls) -> _Channel:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from sashimi.tracking import _serve; _serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        return cls(proc.stdin.fileno(), proc.stdout.fileno(), proc=proc)
+
+    @classmethod
+    def to_daemon(cls, address: str) -> _Channel | None:
+        """Connect to the shared daemon at `address`, starting it if needed; None on failure."""
+        import socket
+
+        try:
+            for attempt in range(2):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(address)
+                    return cls(sock.fileno(), sock.fileno(), sock=sock)
+                except (FileNotFoundError, ConnectionRefusedError):
+                    sock.close()
+                    if attempt == 0:
+                        _spawn_daemon(address)
+        except OSError:
+            pass
+        return None
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view) :]
+
+    def finish(self) -> None:
+        """No more operations (the worker ends the session and closes its side)."""
+        with contextlib.suppress(OSError):
+            if self.proc is not None:
+                self.proc.stdin.close()
+            else:
+                import socket
+
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def wait(self) -> int:
+        if self.proc is not None:
+            rc = self.proc.wait()
+            self.proc.stdout.close()
+            return rc
+        self.sock.close()
+        return 0
+
+
+def _serve_ops(lines: Iterator[bytes | None], emit) -> None:
+    """Carry out one job's operations (JSON lines) with one `_Session`; `emit(**report)` sends
+    {"started": run_id | None, "pid": ...} and {"warning": text} back. A line that ends
+    without an "end" operation (the job was killed) ends the run as KILLED."""
+    session, ended = None, False
+    for line in lines:
+        if line is None:
+            break
+        msg = json.loads(line)
+        op = msg.pop("op")
+        if op == "exit":
+            break
+        if op == "start":
+            session = _Session(**msg, warn=lambda text: emit(warning=text))
+            session.start()
+            emit(started=session.run_id, pid=os.getpid())
+        elif session is None:
+            continue
+        elif op == "metrics":
+            session.log_metrics(msg["batch"])
+        elif op == "tag":
+            session.set_tag(msg["key"], msg["value"])
+        elif op == "artifact":
+            session.log_artifact(msg["path"], msg["artifact_path"])
+        elif op == "end":
+            session.end(msg["status"])
+            ended = True
+    if session is not None and not ended:
+        session.end("KILLED")
+
+
+def _quiet_worker() -> None:
+    """Settings of a tracking worker process: Ctrl-C is the job's to handle, no telemetry."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the job decides the status
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _serve() -> None:
+    """A job's own tracking worker: operations on stdin, reports on stdout."""
+    _quiet_worker()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints go to stderr, not into the report channel
     ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -540,31 +653,135 @@ def _serve() -> None:
         with contextlib.suppress(OSError, ValueError):  # the job may be gone already
             out.write(json.dumps(msg) + "\n")
 
-    session, ended = None, False
-    while (line := ops.get()) is not None:
-        msg = json.loads(line)
-        op = msg.pop("op")
-        if op == "exit":
-            break
-        if op == "start":
-            session = _Session(**msg, warn=lambda text: emit(warning=text))
-            session.start()
-            emit(started=session.run_id)
-        elif session is None:
-            continue
-        elif op == "metrics":
-            session.log_metrics(msg["batch"])
-        elif op == "tag":
-            session.set_tag(msg["key"], msg["value"])
-        elif op == "artifact":
-            session.log_artifact(msg["path"], msg["artifact_path"])
-        elif op == "end":
-            session.end(msg["status"])
-            ended = True
-    if session is not None and not ended:
-        session.end("KILLED")
+    _serve_ops(iter(ops.get, None), emit)
     with contextlib.suppress(OSError, ValueError):
         out.close()
+
+
+# ---------------------------------------------------------------------------- shared daemon
+def daemon_address(uri: str) -> str:
+    """The shared daemon's socket for this store, user, interpreter, checkout and MLflow env."""
+    import hashlib
+    import tempfile
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("MLFLOW_"))
+    key = json.dumps(
+        [uri, os.environ.get("SASHIMI_MLFLOW_EXPERIMENT", EXPERIMENT), sys.executable,
+         str(_code_root()), env]
+    )  # fmt: skip
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"sashimi-mlflow-{uid}-{digest}.sock")
+
+
+def _daemon_lock() -> Path:
+    """One lock file per user guards every daemon's bind and unlink (held for milliseconds)."""
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"sashimi-mlflow-{uid}.lock"
+
+
+def _spawn_daemon(address: str, wait_s: float = 10.0) -> None:
+    """Start the daemon for `address` detached from this job (its own session, no stdio),
+    and wait until it listens (or `wait_s` passes)."""
+    code = f"from sashimi.tracking import _daemon; _daemon({address!r})"
+    # a launcher that exits at once: the daemon is nobody's child (no zombie, no wait)
+    launcher = (
+        "import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+        "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, "
+        "start_new_session=True)"
+    )
+    subprocess.run([sys.executable, "-c", launcher, code], check=True, timeout=60)
+    t0 = time.monotonic()
+    while not os.path.exists(address) and time.monotonic() - t0 < wait_s:
+        time.sleep(0.01)
+
+
+def _daemon(address: str) -> None:
+    """The shared tracking daemon: serves each connected job (one thread and `_Session` each)
+    and exits after SASHIMI_TRACKING_IDLE_S seconds without a job. Only one daemon binds an
+    address (a file lock guards the stale-socket check)."""
+    import socket
+
+    _quiet_worker()
+    idle_s = float(os.environ.get("SASHIMI_TRACKING_IDLE_S", "30"))
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with _file_lock(_daemon_lock()):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(address)
+            return  # another daemon serves this address
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+        old = os.umask(0o177)  # the socket is this user's only
+        try:
+            srv.bind(address)
+        finally:
+            os.umask(old)
+        srv.listen(64)
+    inode = os.stat(address).st_ino
+    with contextlib.suppress(Exception):  # import MLflow once, before serving (queued jobs wait)
+        import mlflow.tracking  # noqa: F401
+
+        if default_tracking_uri().startswith("sqlite"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    lock, active, threads = threading.Lock(), [0], []
+
+    def handle(conn) -> None:
+        try:
+            conn.setblocking(True)
+            rfile = conn.makefile("rb")
+
+            def emit(**msg) -> None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(msg).encode() + b"\n")
+
+            _serve_ops(iter(rfile.readline, b""), emit)
+        except Exception:  # one job's trouble must not stop the others
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            with lock:
+                active[0] -= 1
+
+    def serve(conn) -> None:
+        with lock:
+            active[0] += 1
+        t = threading.Thread(target=handle, args=(conn,), daemon=True)
+        t.start()
+        threads.append(t)
+
+    srv.settimeout(idle_s)
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            with lock:
+                if active[0] == 0:
+                    break
+            continue
+        serve(conn)
+    # idle: take no new jobs (remove the address), serve those already queued, then exit
+    with _file_lock(_daemon_lock()):
+        with contextlib.suppress(OSError):
+            if os.stat(address).st_ino == inode:
+                os.unlink(address)
+    srv.setblocking(False)
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except (BlockingIOError, OSError):
+            break
+        serve(conn)
+    srv.close()
+    for t in threads:
+        t.join()
 
 
 def _retryable(e: BaseException) -> bool:

@@ -122,23 +122,6 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank)
 
 
-@contextlib.contextmanager
-def kernel_compile_policy(compile: bool, device: torch.device) -> Iterator[None]:
-    """S4 kernels torch.compile their Cauchy sums for large problems (SASHIMI_COMPILE=auto, see
-    sashimi.ssm.kernels). On a CPU that costs 10-40 s per process with a cold compiler cache,
-    more than a whole demo job, for little speed; so CPU jobs follow the run's `train.compile`
-    instead: eager unless it is true. An explicit SASHIMI_COMPILE wins, GPUs keep the
-    kernels' own default. The environment is restored on exit."""
-    if "SASHIMI_COMPILE" in os.environ or device.type != "cpu" or compile:
-        yield
-        return
-    os.environ["SASHIMI_COMPILE"] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("SASHIMI_COMPILE", None)
-
-
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1177,17 +1160,16 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     dist = init_distributed(device)
     try:
-        with kernel_compile_policy(run_cfg.train.compile, device):
-            trainer = Trainer(
-                P,
-                run_cfg,
-                device=device,
-                dist=dist,
-                resume=args.resume,
-                root=Path(args.params).resolve().parent,
-                progress=False if args.no_progress else None,
-            )
-            summary = trainer.fit()
+        trainer = Trainer(
+            P,
+            run_cfg,
+            device=device,
+            dist=dist,
+            resume=args.resume,
+            root=Path(args.params).resolve().parent,
+            progress=False if args.no_progress else None,
+        )
+        summary = trainer.fit()
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -359,12 +359,10 @@ class SaShiMi(nn.Module):
         if not self.causal:
             raise UserError("SaShiMi.setup_step: a bidirectional model cannot be stepped")
         for m in self.modules():
-            if isinstance(m, S4Block):
-                m.setup_step(mode=s4_mode)
-            elif isinstance(m, (DownPool, UpPool)):
+            if isinstance(m, (DownPool, UpPool)):
                 m.setup_step()
         fused = (compile if fused is None else fused) and s4_mode != "dense"
-        self._stepper = _Stepper(self, compile=compile, fused=fused)
+        self._stepper = _Stepper(self, compile=compile, fused=fused, s4_mode=s4_mode)
 
     def default_state(self, batch: int, device=None) -> dict:
         """Fresh generation state; `step` updates it in place and returns it."""
@@ -516,10 +514,16 @@ def _pair_conjugate_modes(lam: Tensor, c: Tensor, tol: float = 1e-6) -> tuple[Te
         return lam, c
     lam2 = torch.where(keep_pair, (lam + lam.gather(1, p).conj()) / 2, lam)[:, ~drop]  # (H, M)
     c2 = torch.where(keep_pair, c + c.gather(1, p).conj(), c)[:, ~drop]  # (H, M)
-    ls = torch.cat([torch.arange(256.0), 2.0 ** torch.arange(8, 21)]).to(lam.real)  # taps l
 
-    def response(lam: Tensor, c: Tensor) -> Tensor:  # Re(sum_m c_m lambda_m^l), (H, len(ls))
-        return (c.unsqueeze(-1) * lam.unsqueeze(-1) ** ls).sum(-2).real
+    def response(lam: Tensor, c: Tensor) -> Tensor:
+        """Re(sum_m c_m lambda_m^l) at l = 0..255 and 2^8..2^20, (H, 269)."""
+        near = torch.cumprod(lam.unsqueeze(-1).expand(*lam.shape, 255), dim=-1)  # lambda^1..255
+        far, q = [], lam
+        for _ in range(20):  # repeated squaring: lambda^(2^k), k = 1..20
+            q = q * q
+            far.append(q)
+        powers = torch.cat([torch.ones_like(near[..., :1]), near, torch.stack(far[7:], -1)], -1)
+        return (c.unsqueeze(-1) * powers).sum(-2).real
 
     full = response(lam, c)
     dev = (response(lam2, c2) - full).abs().amax(-1) / full.abs().amax(-1).clamp_min(1e-30)
@@ -571,7 +575,9 @@ class _Stepper:
     else _GenericChain (each block's own `step`).
     """
 
-    def __init__(self, model: SaShiMi, compile: bool = False, fused: bool = True):
+    def __init__(
+        self, model: SaShiMi, compile: bool = False, fused: bool = True, s4_mode: str = "auto"
+    ):
         self.model = model
         P = len(model.pool)
         self.P, self.strides, self.unet = P, model.pool, model.unet
@@ -590,17 +596,20 @@ class _Stepper:
             self.up_pools[P - 1 - j] = block[0]
             self.up_blocks[P - 1 - j] = list(block[1:])
 
-        def chain(blocks):
+        def chain(blocks, fused=fused):
             if fused and not self.unet and blocks:
                 try:
                     return _FusedChain(blocks)
                 except _NotFusable:
                     pass
+            for blk in blocks:  # generic: each S4Block steps itself
+                if isinstance(blk.layer, S4Block):
+                    blk.layer.setup_step(mode=s4_mode)
             return _GenericChain(blocks)
 
         self.up_chains = [chain(b) for b in self.up_blocks]
         self.center_chain = chain(list(model.c_layers))
-        self.down_chains = [_GenericChain(b) for b in self.down_blocks]  # unet only
+        self.down_chains = [chain(b, fused=False) for b in self.down_blocks]  # unet only
         with torch.no_grad():
             self.head = (model.norm.weight.detach(), model.norm.bias.detach(), model.output.weight.detach(),
                          model.output.bias.detach())  # fmt: skip
