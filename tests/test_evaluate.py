@@ -196,7 +196,14 @@ def test_params_and_budget_are_written_without_nll(workdir, monkeypatch):
     }
     write_params(
         workdir,
-        {"dw": {"kind": kind, "dataset": "tiny", "model": model, "train": dict({"max_steps": 2}, **train)}},
+        {
+            "dw": {
+                "kind": kind,
+                "dataset": "tiny",
+                "model": model,
+                "train": dict({"max_steps": 2}, **train),
+            }
+        },
         ds,
     )
     assert cli("train", "--run", "dw") == 0

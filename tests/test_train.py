@@ -442,11 +442,18 @@ def test_resume_follows_config_changes(workdir, capsys):
     assert "runs.tiny: model.d_model changed 8 -> 16; starting a fresh run" in err
     assert "resuming" not in err
     ck = workdir / "results/runs/tiny/checkpoints"
-    assert sorted(p.name for p in ck.glob("*.pt")) == ["best.pt", "last.pt", "step-3.pt", "step-4.pt"]
+    assert sorted(p.name for p in ck.glob("*.pt")) == [
+        "best.pt",
+        "last.pt",
+        "step-3.pt",
+        "step-4.pt",
+    ]
     assert _ckpt(workdir)["model_kwargs"] == {"d_model": 16} and _ckpt(workdir)["step"] == 4
     assert _ckpt(workdir, name="best.pt")["model_kwargs"] == {"d_model": 16}
     assert [int(r["step"]) for r in read_log(workdir / "results/runs/tiny")][0] <= 4
-    assert sorted(p.name for p in (workdir / "results/runs/other/checkpoints").glob("*.pt")) == other
+    assert (
+        sorted(p.name for p in (workdir / "results/runs/other/checkpoints").glob("*.pt")) == other
+    )
 
     # explicit --resume and a changed optimiser setting: one line naming the key
     write_params(
@@ -461,7 +468,9 @@ def test_resume_follows_config_changes(workdir, capsys):
     assert _ckpt(workdir)["step"] == 4  # untouched
     # ... and the same change by default: fresh
     assert cli("train", "--run", "tiny", "--max-steps", "2") == 0
-    assert "runs.tiny: train.lr changed 0.003 -> 0.01; starting a fresh run" in capsys.readouterr().err
+    assert (
+        "runs.tiny: train.lr changed 0.003 -> 0.01; starting a fresh run" in capsys.readouterr().err
+    )
     assert _ckpt(workdir)["step"] == 2
 
     # the dataset's configuration counts too

@@ -44,6 +44,7 @@ EXPERIMENT = "sashimi"
 _SQLITE_TIMEOUT_S = 60
 _RETRIES = (0.2, 0.5, 1.0)  # seconds between attempts of one MLflow call
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+_WAIT_S = 600.0  # a job gives up on a tracking worker silent for this long (never hangs)
 
 
 def tracking_enabled() -> bool:
@@ -447,14 +448,17 @@ class Tracker:
 
     def _read(self, until, block: bool = True) -> None:
         """Handle the worker's reports (JSON lines) until `until()` holds or the line ends;
-        with block=False only what is already there."""
+        with block=False only what is already there. A worker silent for _WAIT_S is given up."""
         import select
 
         if self._chan is None:
             return
         fd = self._chan.rfd
         while not until():
-            if not block and not select.select([fd], [], [], 0)[0]:
+            if not select.select([fd], [], [], _WAIT_S if block else 0)[0]:
+                if block:
+                    self._fail(f"the tracking worker did not answer for {_WAIT_S:.0f} s")
+                    self._started = True
                 return
             try:
                 chunk = os.read(fd, 65536)
@@ -587,9 +591,13 @@ class _Channel:
 
                 self.sock.shutdown(socket.SHUT_WR)
 
-    def wait(self) -> int:
+    def wait(self, timeout: float = _WAIT_S) -> int:
         if self.proc is not None:
-            rc = self.proc.wait()
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:  # a stuck worker of this job: end it
+                self.proc.kill()
+                rc = self.proc.wait()
             self.proc.stdout.close()
             return rc
         self.sock.close()
@@ -761,7 +769,7 @@ def _daemon(address: str) -> None:
     while True:
         try:
             conn, _ = srv.accept()
-        except socket.timeout:
+        except TimeoutError:
             with lock:
                 if active[0] == 0:
                     break

@@ -434,7 +434,9 @@ def training_config(raw: dict, dataset: dict | None = None) -> dict[str, Any]:
     if name is not None:
         model = {"name": name, **_model_defaults(name), **model}
     out.update(_flatten({"model": model}))
-    out.update(_flatten({"train": {**dataclasses.asdict(TrainConfig()), **(raw.get("train") or {})}}))
+    out.update(
+        _flatten({"train": {**dataclasses.asdict(TrainConfig()), **(raw.get("train") or {})}})
+    )
     skip = RESUME_IGNORED_BLOCKS | {"kind", "dataset", "model", "train"}
     out.update(_flatten({k: v for k, v in raw.items() if k not in skip}))
     if dataset is not None:
