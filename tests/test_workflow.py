@@ -247,11 +247,7 @@ def test_sample_parameter_change_keeps_the_checkpoint(built):
 def test_classifier_change_rescores_but_does_not_retrain_generators(built):
     repo, env = built
     _edit_params(
-        repo,
-        lambda raw: _run_block(raw, "classifier-sc09")
-        .setdefault("demo", {})
-        .setdefault("train", {})
-        .update(lr=0.07),
+        repo, lambda raw: _run_block(raw, "classifier-sc09").setdefault("train", {}).update(lr=0.07)
     )
     assert planned_jobs(repo, TARGETS, env) == {
         ("train", "run=classifier-sc09"),
