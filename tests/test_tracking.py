@@ -83,7 +83,7 @@ def test_shared_daemon_serves_every_job_then_exits(tmp_path):
 
     from sashimi.tracking import daemon_address
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="1", SASHIMI_TRACKING_IDLE_S="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SASHIMI_TRACKING="1", SASHIMI_TRACKING_IDLE_S="15")
     env.pop("MLFLOW_TRACKING_URI", None)
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

@@ -167,9 +167,12 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
 
 def bench_train(args) -> dict:
     device = _device(args.device)
+    os.environ["SASHIMI_COMPILE"] = args.s4_compile  # read by sashimi.ssm.kernels at each call
     model = _build(args.model, args.model_kwargs, device)
     res = _common(args, device, args.model)
-    res.update(batch=args.batch, length=args.length, params=_n_params(model))
+    res.update(
+        batch=args.batch, length=args.length, params=_n_params(model), s4_compile=args.s4_compile
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(_train_step_fn(model, args, device), args.steps, args.warmup, device)
@@ -382,6 +385,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
                    help="also time the naive S4 kernel backend")  # fmt: skip
     t.add_argument("--naive-steps", type=int, default=1)
+    t.add_argument("--s4-compile", choices=["auto", "0", "1"], default="1",
+                   help="SASHIMI_COMPILE for the S4 kernel (default 1: the compiled kernel, "
+                   "whose compile time the warm-up step absorbs; auto: the S4 layer's own default)")  # fmt: skip
 
     g = sub.add_parser("generate", help="seconds per autoregressive step (sampling included)")
     common(g, "sashimi")

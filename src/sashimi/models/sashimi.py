@@ -78,8 +78,10 @@ class ChannelNorm(nn.Module):
         self.s = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., H) -> (..., H)
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)  # (..., 1)
-        return (x - mean + self.m) * (self.s / std)
+        # two-pass mean / variance: about 2x faster (forward+backward) than torch.std_mean on CPU
+        xc = x - x.mean(dim=-1, keepdim=True)  # (..., H)
+        rstd = (xc * xc).mean(dim=-1, keepdim=True).rsqrt()  # (..., 1), biased, no epsilon
+        return (xc + self.m) * (self.s * rstd)
 
 
 class FFBlock(nn.Module):
@@ -540,8 +542,8 @@ def _fused_chain_step(
     new = []
     j = f = 0
     for k, kind in enumerate(kinds):
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)  # (B, 1)
-        z = (x - mean + norm_m[k]) * (norm_s[k] / std)  # ChannelNorm, (B, H)
+        xc = x - x.mean(dim=-1, keepdim=True)  # ChannelNorm, as in ChannelNorm.forward
+        z = (xc + norm_m[k]) * (norm_s[k] * (xc * xc).mean(dim=-1, keepdim=True).rsqrt())  # (B, H)
         if kind == "s4":
             u = z.to(torch.float64)  # (B, H)
             sr, si = state[j, 0], state[j, 1]  # (B, H, M)
