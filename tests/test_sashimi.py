@@ -17,6 +17,7 @@ from sashimi.models.sashimi import (
     SaShiMi,
     UpPool,
     WNLinear,
+    channel_norm_reference,
     param_count,
 )
 
@@ -67,6 +68,20 @@ def test_channel_norm_scalar_no_eps():
     mean, std = x.mean(-1, keepdim=True), x.std(-1, unbiased=False, keepdim=True)
     torch.testing.assert_close(n(x), 1.7 / std * (x - mean + 0.3))
     assert n.m.shape == (1,) and n.s.shape == (1,)
+
+
+def test_channel_norm_backward_matches_autograd_of_the_formula():
+    from sashimi.models.sashimi import _ChannelNormFn
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([1.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ChannelNormFn.apply, (x, m, s))
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    ours = torch.autograd.grad((_ChannelNormFn.apply(x, m, s) * g).sum(), (x, m, s))
+    ref = torch.autograd.grad((channel_norm_reference(x, m, s) * g).sum(), (x, m, s))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_downpool_matches_official_layout():

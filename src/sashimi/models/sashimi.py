@@ -69,7 +69,9 @@ class ChannelNorm(nn.Module):
     """Channel norm with SCALAR learned shift m and scale s (official TransposedLN, scalar=True).
 
     y = s / std(x) * (x - mean(x) + m), statistics over the channel (last) dim,
-    biased std, no epsilon.
+    biased std, no epsilon. Forward and backward are written out (`_ChannelNormFn`): about
+    2-3x faster than autograd through torch.std_mean on CPU, and only x - mean(x) and 1/std
+    are kept for the backward. `channel_norm_reference` is the plain formula (test oracle).
     """
 
     def __init__(self):
@@ -78,10 +80,41 @@ class ChannelNorm(nn.Module):
         self.s = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., H) -> (..., H)
-        # two-pass mean / variance: about 2x faster (forward+backward) than torch.std_mean on CPU
+        return _ChannelNormFn.apply(x, self.m, self.s)
+
+
+def channel_norm_reference(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
+    """The channel norm as a plain formula (autograd does the backward)."""
+    std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)  # (..., 1)
+    return (x - mean + m) * (s / std)
+
+
+class _ChannelNormFn(torch.autograd.Function):
+    """y = s r (x_c + m) with x_c = x - mean(x), r = 1/std(x) (per row, over the last dim H).
+
+    Backward, with g = dL/dy and sums over the row:
+        dL/dx = s r (g - sum(g)/H) - (s r^3 / H) (sum(g x_c) + m sum(g)) x_c
+        dL/dm = sum over everything of s r g,   dL/ds = sum over everything of r g (x_c + m).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: Tensor, s: Tensor) -> Tensor:
         xc = x - x.mean(dim=-1, keepdim=True)  # (..., H)
-        rstd = (xc * xc).mean(dim=-1, keepdim=True).rsqrt()  # (..., 1), biased, no epsilon
-        return (xc + self.m) * (self.s * rstd)
+        r = (xc * xc).mean(dim=-1, keepdim=True).rsqrt()  # (..., 1)
+        ctx.save_for_backward(xc, r, m, s)
+        return (xc + m) * (s * r)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xc, r, m, s = ctx.saved_tensors
+        H = xc.shape[-1]
+        g_sum = g.sum(dim=-1, keepdim=True)  # (..., 1)
+        gz = (g * xc).sum(dim=-1, keepdim=True) + m * g_sum  # sum g (x_c + m), (..., 1)
+        sr = s * r  # (..., 1)
+        dx = sr * (g - g_sum / H) - (sr * r * r / H) * gz * xc  # (..., H)
+        dm = (sr * g_sum).sum().reshape(1)
+        ds = (r * gz).sum().reshape(1)
+        return dx, dm, ds
 
 
 class FFBlock(nn.Module):
