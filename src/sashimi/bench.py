@@ -170,9 +170,9 @@ def bench_train(args) -> dict:
     os.environ["SASHIMI_COMPILE"] = args.s4_compile  # read by sashimi.ssm.kernels at each call
     model = _build(args.model, args.model_kwargs, device)
     res = _common(args, device, args.model)
-    res.update(
-        batch=args.batch, length=args.length, params=_n_params(model), s4_compile=args.s4_compile
-    )
+    res.update(batch=args.batch, length=args.length, params=_n_params(model))
+    if args.model == "sashimi":
+        res["s4_compile"] = args.s4_compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(_train_step_fn(model, args, device), args.steps, args.warmup, device)
