@@ -107,3 +107,33 @@ def test_flat_config_is_scalar():
     flat = P.flat("sashimi-sc09")
     assert flat["model.d_model"] == P.run("sashimi-sc09").model["d_model"]
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
+
+
+def test_example_params_files_validate():
+    """examples/*.yaml (e.g. the FSDD SaShiMi-vs-WaveNet comparison) load through the same schema."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "examples").glob("*.yaml"))
+    assert files
+    for f in files:
+        P = load_params(f)
+        assert P.runs, f
+    P = load_params(root / "examples" / "fsdd.yaml")
+    assert P.run("sashimi-fsdd").train.s4_compile == "always"
+    assert P.run("wavenet-fsdd").train.s4_compile == "auto"
+    assert P.run("sashimi-fsdd").sample.compile is False
+
+
+def test_s4_compile_mode_overrides_the_environment(monkeypatch):
+    from sashimi.ssm import kernels
+
+    monkeypatch.setenv("SASHIMI_COMPILE", "1")
+    try:
+        kernels.set_compile_mode("never")
+        assert not kernels.compile_enabled(1 << 30, "cpu")
+        kernels.set_compile_mode("always")
+        assert kernels.compile_enabled(1, "cpu") or kernels._compile_broken
+        with pytest.raises(UserError, match="sometimes"):
+            kernels.set_compile_mode("sometimes")
+    finally:
+        kernels.set_compile_mode(None)
+    assert kernels.compile_enabled(1, "cpu") or kernels._compile_broken

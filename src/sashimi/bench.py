@@ -167,7 +167,9 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
 
 def bench_train(args) -> dict:
     device = _device(args.device)
-    os.environ["SASHIMI_COMPILE"] = args.s4_compile  # read by sashimi.ssm.kernels at each call
+    from sashimi.ssm.kernels import set_compile_mode
+
+    set_compile_mode(args.s4_compile)
     model = _build(args.model, args.model_kwargs, device)
     res = _common(args, device, args.model)
     res.update(batch=args.batch, length=args.length, params=_n_params(model))
@@ -199,8 +201,9 @@ def bench_train(args) -> dict:
 
 
 def _sample_tokens(logits, g) -> torch.Tensor:
-    probs = torch.softmax(logits.float(), dim=-1)  # (B, 256)
-    return torch.multinomial(probs, 1, generator=g).squeeze(-1)  # (B,)
+    from sashimi.sample import sample_token  # the sampler `sashimi sample` uses (Gumbel-max)
+
+    return sample_token(logits, generator=g)  # (B,)
 
 
 def _generate_loop(

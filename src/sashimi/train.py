@@ -387,6 +387,7 @@ RESUME_IGNORED = frozenset(
         "keep_last",
         "num_workers",
         "compile",
+        "s4_compile",
         "amp",
     )
 )
@@ -554,6 +555,10 @@ class Trainer:
         else:
             self.net = base
         self._fwd = self.net
+        if self.tc.s4_compile != "auto":  # else $SASHIMI_COMPILE, or the kernel's own default
+            from sashimi.ssm.kernels import set_compile_mode
+
+            set_compile_mode(self.tc.s4_compile)
         self._compiled = bool(self.tc.compile)
         if self._compiled:
             self._fwd = torch.compile(self.net)
@@ -1031,6 +1036,11 @@ class Trainer:
                             if self.kind == "ar":
                                 postfix["bits"] = f"{loss / LN2:.3f}"
                             postfix["tok/s"] = f"{win_tokens / dt:.0f}"
+                            if self.device.type == "cuda":
+                                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                                postfix["gpu_mem"] = f"{peak:.2f}GB"
+                                if self.tracker is not None:
+                                    self.tracker.log_metrics({"gpu_peak_mem_gb": peak}, step=self.step)
                             bar.set_postfix(postfix)
                             if lines:
                                 print(
@@ -1084,6 +1094,8 @@ class Trainer:
             "checkpoint": str(self.ckpt_dir / "last.pt"),
             "n_params": self.n_params,
         }
+        if self.device.type == "cuda":
+            summary["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         if self.kind == "ar" and summary["best_val"] is not None:
             summary["best_val_bits"] = summary["best_val"] / LN2
         return summary

@@ -186,6 +186,82 @@ def _cauchy_fused(
     return re, im
 
 
+def _cauchy_fused_backward(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_cauchy_fused`, written out (one fused reduction over K under torch.compile).
+
+    With phi1 = 1/(2is - w c), phi2 = 1/(2is - conj(w) c) (so rho = sum_n v phi1 + conj(v) phi2,
+    d phi1/dw = c phi1^2, d phi2/d conj(w) = c phi2^2) and G = gr + i gi = dL/d Re rho + i dL/d Im rho:
+
+        dL/dvr = sum_k Re(conj(G) (phi1 + phi2)) = sum_k gr a - gi d
+        dL/dvi = -sum_k Im(conj(G) (phi1 - phi2)) = sum_k gr b + gi g
+        A = sum_k c phi1^2 sum_m conj(G_m) v_m,   B = sum_k c phi2^2 conj(sum_m G_m v_m)
+        dL/dwr = Re(A + B),   dL/dwi = Im(B - A)
+
+    vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,); gr, gi: (M, H, K). Returns dvr, dvi
+    (M, H, N2) and dwr, dwi (H, N2). About half the work of autograd through the forward.
+    """
+    x = -wr[:, :, None] * c  # (H, N2, K), as in _cauchy_coefficients
+    y1 = 2 * s - wi[:, :, None] * c
+    y2 = 2 * s + wi[:, :, None] * c
+    x2 = x * x
+    i1 = 1 / (x2 + y1 * y1)
+    i2 = 1 / (x2 + y2 * y2)
+    a, b, g, d = x * (i1 + i2), y1 * i1 - y2 * i2, x * (i1 - i2), y1 * i1 + y2 * i2
+    Gr, Gi = gr[:, :, None, :], gi[:, :, None, :]  # (M, H, 1, K)
+    Vr, Vi = vr[..., None], vi[..., None]  # (M, H, N2, 1)
+    M = vr.shape[0]
+    dvr = torch.stack([(Gr[m] * a - Gi[m] * d).sum(-1) for m in range(M)])  # (M, H, N2)
+    dvi = torch.stack([(Gr[m] * b + Gi[m] * g).sum(-1) for m in range(M)])  # (M, H, N2)
+    s1 = sum(Gr[m] * Vr[m] for m in range(M))  # (H, N2, K)
+    s2 = sum(Gi[m] * Vi[m] for m in range(M))
+    s3 = sum(Gr[m] * Vi[m] for m in range(M))
+    s4 = sum(Gi[m] * Vr[m] for m in range(M))
+    pr, pi, qr, qi = s1 + s2, s3 - s4, s1 - s2, s3 + s4  # P = sum conj(G) v, Q = sum G v
+    j1, j2 = c * i1 * i1, c * i2 * i2
+    p1r, p1i = (x2 - y1 * y1) * j1, -2 * x * y1 * j1  # c phi1^2
+    p2r, p2i = (x2 - y2 * y2) * j2, -2 * x * y2 * j2  # c phi2^2
+    dwr = (p1r * pr - p1i * pi + p2r * qr + p2i * qi).sum(-1)  # (H, N2)
+    dwi = (p2i * qr - p2r * qi - p1r * pi - p1i * pr).sum(-1)  # (H, N2)
+    return dvr, dvi, dwr, dwi
+
+
+class _CauchyCompiled(torch.autograd.Function):
+    """The fused Cauchy sums with the written-out backward, both compiled (see _generating_function_compiled).
+
+    If compiling the backward fails it is evaluated eagerly in chunks over K (the sums are additive).
+    """
+
+    @staticmethod
+    def forward(ctx, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor):
+        ctx.save_for_backward(vr, vi, wr, wi, c, s)
+        return _compiled["cauchy"](vr, vi, wr, wi, c, s)
+
+    @staticmethod
+    def backward(ctx, gr: Tensor, gi: Tensor):
+        global _compile_broken
+        vr, vi, wr, wi, c, s = ctx.saved_tensors
+        gr, gi = gr.contiguous(), gi.contiguous()
+        if not _compile_broken:
+            for x, dim in zip((vr, vi, wr, wi, c, s, gr, gi), (1, 1, 0, 0, 0, 0, 1, 1), strict=True):
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+            try:
+                return (*_compiled["cauchy_bwd"](vr, vi, wr, wi, c, s, gr, gi), None, None)
+            except Exception as err:
+                _compile_broken = True
+                msg = f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err}); using eager"
+                warnings.warn(msg, stacklevel=2)
+        H, N2 = wr.shape
+        step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
+        out = None
+        for k0 in range(0, c.shape[0], step):
+            sl = slice(k0, k0 + step)
+            part = _cauchy_fused_backward(vr, vi, wr, wi, c[sl], s[sl], gr[..., sl], gi[..., sl])
+            out = part if out is None else tuple(o + p for o, p in zip(out, part, strict=True))
+        return (*out, None, None)
+
+
 def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """k^ = (c + i s) [rho_00 - c rho_01 rho_10 / (1 + c rho_11)] in real arithmetic.
 
@@ -266,16 +342,29 @@ def _cauchy_keops(
 
 _compiled: dict[str, Callable] = {}
 _compile_broken = False
+_compile_mode: str | None = None  # set_compile_mode(); None: read SASHIMI_COMPILE
+
+
+def set_compile_mode(mode: str | None) -> None:
+    """Process-wide choice for the compiled Cauchy path: "auto" | "always" | "never" (also "1" / "0"),
+    or None to follow $SASHIMI_COMPILE again. The trainer sets it from `train.s4_compile`."""
+    global _compile_mode
+    if mode is not None and mode.lower() not in _MODES:
+        raise UserError(f"S4 compile mode {mode!r}: expected auto, always or never")
+    _compile_mode = None if mode is None else mode.lower()
+
+
+_MODES = ("auto", "1", "always", "true", "0", "never", "false")
 
 
 def compile_enabled(elements: int | None = None, device: torch.device | str | None = None) -> bool:
     """Whether the compiled fused path is used for a problem of ``elements`` = H * K * N/2 Cauchy terms.
 
-    SASHIMI_COMPILE: "0" never, "1" always, "auto" (default) on CUDA from _COMPILE_MIN_ELEMENTS
+    SASHIMI_COMPILE (or :func:`set_compile_mode`): "0" never, "1" always, "auto" (default) on CUDA from _COMPILE_MIN_ELEMENTS
     terms up (on a CPU only when asked: the compile time outweighs short jobs).
     A failed compilation disables it for the rest of the process.
     """
-    mode = os.environ.get("SASHIMI_COMPILE", "auto").lower()
+    mode = _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
     if mode in ("0", "never", "false") or _compile_broken or not hasattr(torch, "compile"):
         return False
     if mode in ("1", "always", "true"):
@@ -306,12 +395,15 @@ def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None
         _compiled["cauchy"] = torch.compile(
             _cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
         )
+        _compiled["cauchy_bwd"] = torch.compile(
+            _cauchy_fused_backward, fullgraph=True, options=_INDUCTOR_OPTIONS
+        )
         _compiled["woodbury"] = torch.compile(_woodbury_real, fullgraph=True)
     # H and K vary between calls (one compiled graph for all of them); M and N2 stay static.
     for x, dim in zip(args, (1, 1, 0, 0, 0, 0), strict=True):
         torch._dynamo.maybe_mark_dynamic(x, dim)
     try:
-        re, im = _compiled["cauchy"](*args)
+        re, im = _CauchyCompiled.apply(*args)
         for x in (re, im):
             torch._dynamo.maybe_mark_dynamic(x, 1)
             torch._dynamo.maybe_mark_dynamic(x, 2)
