@@ -513,13 +513,14 @@ def runs_table(P: Params, results: dict[str, RunResult]) -> Table:
 
 def scale_note(P: Params) -> str:
     if P.scale == "demo":
-        steps = sorted({r.train.max_steps for r in P.runs.values() if r.train.max_steps})
-        mins = sorted({r.train.max_minutes for r in P.runs.values() if r.train.max_minutes})
+        models = [r for r in P.runs.values() if r.kind != "classifier"]  # its budget is epochs
+        steps = sorted({r.train.max_steps for r in models if r.train.max_steps})
+        mins = sorted({r.train.max_minutes for r in models if r.train.max_minutes})
         budget = f"at most {max(steps)} training steps" if steps else "a short training budget"
         if mins:
             budget += f" or {max(mins):g} minutes"
         return (
-            f"Demo scale: synthetic data, tiny models, {budget} per run — numbers are NOT "
+            f"Demo scale: synthetic data, tiny models, {budget} per model — numbers are NOT "
             "comparable to the paper."
         )
     return (
