@@ -14,7 +14,6 @@ import numpy as np
 
 from sashimi.errors import UserError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
