@@ -150,7 +150,8 @@ def test_missing_checkpoint_names_the_path(workdir, capsys):
     assert "unknown metric 'fad'" in capsys.readouterr().err
 
 
-def test_diffusion_nll_is_skipped(workdir):
+def train_tiny_diffwave(workdir, steps: int) -> None:
+    """Write params with one tiny DiffWave run `dw` on the `tiny` folder dataset and train it."""
     from sashimi.models import MODELS
 
     try:
@@ -161,19 +162,14 @@ def test_diffusion_nll_is_skipped(workdir):
     ds = {
         "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
     }
-    write_params(
-        workdir,
-        {
-            "dw": {
-                "kind": kind,
-                "dataset": "tiny",
-                "model": model,
-                "train": dict({"max_steps": 1}, **train),
-            }
-        },
-        ds,
-    )
+    run = {"kind": kind, "dataset": "tiny", "model": model,
+           "train": dict({"max_steps": steps}, **train)}  # fmt: skip
+    write_params(workdir, {"dw": run}, ds)
     assert cli("train", "--run", "dw") == 0
+
+
+def test_diffusion_nll_is_skipped(workdir):
+    train_tiny_diffwave(workdir, steps=1)
     assert cli("evaluate", "--run", "dw") == 0
     m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
     assert "nll_bits" not in m and "not defined" in m["nll_note"] and m["params"] > 0
@@ -184,29 +180,8 @@ def test_params_and_budget_are_written_without_nll(workdir, monkeypatch):
     """A diffusion SC09 run is evaluated with --metrics sc09 only: params and the training
     budget still land in metrics.json."""
     from sashimi import evaluate
-    from sashimi.models import MODELS
 
-    try:
-        MODELS["diffwave"]
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"diffwave not importable ({e})")
-    kind, model, train = REAL["diffwave"]
-    ds = {
-        "tiny": {"format": "folder", "download": None, "quantization": "mu-law", "clip_length": 256}
-    }
-    write_params(
-        workdir,
-        {
-            "dw": {
-                "kind": kind,
-                "dataset": "tiny",
-                "model": model,
-                "train": dict({"max_steps": 2}, **train),
-            }
-        },
-        ds,
-    )
-    assert cli("train", "--run", "dw") == 0
+    train_tiny_diffwave(workdir, steps=2)
     monkeypatch.setattr(evaluate, "evaluate_sc09", lambda *a, **k: {"fid": 1.0})
     assert cli("evaluate", "--run", "dw", "--metrics", "sc09") == 0
     m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())

@@ -343,6 +343,7 @@ def _cauchy_keops(
 _compiled: dict[str, Callable] = {}
 _compile_broken = False
 _compile_mode: str | None = None  # set_compile_mode(); None: read SASHIMI_COMPILE
+_MODES = ("auto", "1", "always", "true", "0", "never", "false")
 
 
 def set_compile_mode(mode: str | None) -> None:
@@ -352,9 +353,6 @@ def set_compile_mode(mode: str | None) -> None:
     if mode is not None and mode.lower() not in _MODES:
         raise UserError(f"S4 compile mode {mode!r}: expected auto, always or never")
     _compile_mode = None if mode is None else mode.lower()
-
-
-_MODES = ("auto", "1", "always", "true", "0", "never", "false")
 
 
 def compile_enabled(elements: int | None = None, device: torch.device | str | None = None) -> bool:
