@@ -455,13 +455,17 @@ class _FusedChain:
     - conjugate pairs: the conjugate-extended S4 system is real, so complex poles come in
       conjugate pairs whose terms in y are conjugates; one mode of each clearly separated pair
       is kept with its weight doubled (`_pair_conjugate_modes`, checked against all modes);
-    - the output reads the OLD state, y_t = Re((c-hat lambda-bar) . s_{t-1}) + (D + Re sum c-hat) u_t,
-      so output and update are independent passes over s;
-    - real arithmetic, s = s_r + i s_i with (s_r, s_i) stacked: (2, B, H, M) float64, and for
-      lambda-bar = a + i b: s_r <- a s_r - b s_i + u, s_i <- a s_i + b s_r.
-    Then GELU -> output linear (-> GLU) as in S4Block. The states of all S4 layers of the
-    chain are one tensor (n_s4, 2, B, H, M). Built only when every S4 layer is well
-    conditioned for the modal form (else the chain stays generic).
+    - the output reads the previous state, y_t = Re((c-hat lambda-bar) . s_{t-1}) + (D + Re sum c-hat) u_t;
+    - the update is applied one step late: a layer keeps (s_{t-2}, u_{t-1}) and step t forms
+      s_{t-1} = lambda-bar s_{t-2} + u_{t-1} in the same pass that reduces it for y_t, so the
+      float64 state (the bulk of the memory traffic at larger batches) is read and written once;
+    - real arithmetic, s = s_r + i s_i, and for lambda-bar = a + i b:
+      s_r <- a s_r - b s_i + u, s_i <- a s_i + b s_r.
+    Then GELU -> output linear (-> GLU) as in S4Block; the linear weights are kept transposed
+    and contiguous (x @ W^T streams W row by row: about 2x faster than F.linear's transposed
+    GEMM when the weights come from main memory, as they do at batch 1). The state of the chain
+    is a tuple with (s_r (B, H, M), s_i (B, H, M), u (B, H)) float64 per S4 layer. Built only
+    when every S4 layer is well conditioned for the modal form (else the chain stays generic).
     """
 
     fused = True
@@ -486,13 +490,13 @@ class _FusedChain:
                     lams.append(torch.stack([lam.real, lam.imag]))  # (2, H, M): a, b
                     g = c * lam  # (H, M)
                     G.append(torch.stack([g.real, g.imag]))  # (2, H, M)
-                    Wo.append(layer.output_linear.weight)
+                    Wo.append(layer.output_linear.weight.t())  # (H, H or 2H)
                     bo.append(layer.output_linear.bias)
                 elif isinstance(layer, FFBlock):
                     kinds.append("ff")
-                    W1.append(layer.linear1.weight)
+                    W1.append(layer.linear1.weight.t())  # (H, ff H)
                     b1.append(layer.linear1.bias)
-                    W2.append(layer.linear2.weight)
+                    W2.append(layer.linear2.weight.t())  # (ff H, H)
                     b2.append(layer.linear2.bias)
                 else:
                     raise _NotFusable(f"layer {type(layer).__name__}")
@@ -509,8 +513,14 @@ class _FusedChain:
             )
         self.n_s4, self.M, self.H = kinds.count("s4"), M, blocks[0].d_model
 
-    def default_state(self, batch: int, device) -> Tensor:
-        return torch.zeros(self.n_s4, 2, batch, self.H, self.M, dtype=torch.float64, device=device)
+    def default_state(self, batch: int, device) -> tuple:
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return tuple(
+            (zeros(batch, self.H, self.M), zeros(batch, self.H, self.M), zeros(batch, self.H))
+            for _ in range(self.n_s4)
+        )
 
     def __call__(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return _fused_chain_step(x, state, self.params, self.kinds, self.glu)
@@ -568,30 +578,32 @@ def _pair_conjugate_modes(lam: Tensor, c: Tensor, tol: float = 1e-6) -> tuple[Te
 
 
 def _fused_chain_step(
-    x: Tensor, state: Tensor, params: tuple, kinds: tuple, glu: bool
-) -> tuple[Tensor, Tensor]:
-    """x (B, H), state (n_s4, 2, B, H, M) float64 -> (x, new state). See _FusedChain."""
-    norm_m, norm_s, lam, G, E, Wo, bo, W1, b1, W2, b2 = params
-    new = []
+    x: Tensor, state: tuple, params: tuple, kinds: tuple, glu: bool
+) -> tuple[Tensor, tuple]:
+    """x (B, H), state ((s_r, s_i, u) per S4 layer, float64) -> (x, new state). See _FusedChain."""
+    norm_m, norm_s, lam, G, E, WoT, bo, W1T, b1, W2T, b2 = params
     j = f = 0
     for k, kind in enumerate(kinds):
         xc = x - x.mean(dim=-1, keepdim=True)  # ChannelNorm, as in ChannelNorm.forward
         z = (xc + norm_m[k]) * (norm_s[k] * (xc * xc).mean(dim=-1, keepdim=True).rsqrt())  # (B, H)
         if kind == "s4":
             u = z.to(torch.float64)  # (B, H)
-            sr, si = state[j, 0], state[j, 1]  # (B, H, M)
+            sr, si, u_prev = state[j]  # s_{t-2} (B, H, M) twice, u_{t-1} (B, H)
             a, b = lam[j, 0], lam[j, 1]  # (H, M)
-            y = (G[j, 0] * sr - G[j, 1] * si).sum(-1) + E[j] * u  # (B, H), from the old state
-            new.append(torch.stack([a * sr - b * si + u.unsqueeze(-1), a * si + b * sr]))
-            h = F.linear(F.gelu(y.to(x.dtype)), Wo[j], bo[j])  # (B, H or 2H)
+            nr, ni = a * sr - b * si + u_prev.unsqueeze(-1), a * si + b * sr  # s_{t-1}
+            y = (G[j, 0] * nr - G[j, 1] * ni).sum(-1) + E[j] * u  # (B, H)
+            sr.copy_(nr)
+            si.copy_(ni)
+            u_prev.copy_(u)
+            h = torch.addmm(bo[j], F.gelu(y.to(x.dtype)), WoT[j])  # (B, H or 2H)
             if glu:
                 h = F.glu(h, dim=-1)
             j += 1
         else:
-            h = F.linear(F.gelu(F.linear(z, W1[f], b1[f])), W2[f], b2[f])  # (B, H)
+            h = torch.addmm(b2[f], F.gelu(torch.addmm(b1[f], z, W1T[f])), W2T[f])  # (B, H)
             f += 1
         x = x + h
-    return x, (torch.stack(new) if new else state)
+    return x, state
 
 
 class _Stepper:
