@@ -200,24 +200,21 @@ def bench_train(args) -> dict:
 # ---------------------------------------------------------------------------- generate
 
 
-def _sample_tokens(logits, g) -> torch.Tensor:
-    from sashimi.sample import sample_token  # the sampler `sashimi sample` uses (Gumbel-max)
-
-    return sample_token(logits, generator=g)  # (B,)
-
-
 def _generate_loop(
     step: Callable, state, batch: int, n: int, device
 ) -> tuple[Callable[[], None], list]:
-    """A closure running n autoregressive steps (sampling included) from the carried state."""
-    g = torch.Generator(device=device).manual_seed(0)
+    """A closure running n autoregressive steps (sampling included) from the carried state,
+    sampling as `sashimi sample` does (Gumbel-max with noise drawn in blocks)."""
+    from sashimi.sample import GumbelNoise, sample_token
+
+    noise = GumbelNoise((batch, 256), torch.Generator(device=device).manual_seed(0), device)
     box = [torch.full((batch,), 128, dtype=torch.long, device=device), state]
 
     def run() -> None:
         tok, st = box
         for _ in range(n):
             logits, st = step(tok, st)
-            tok = _sample_tokens(logits, g)
+            tok = sample_token(logits, gumbel=noise.next())  # (B,)
         box[0], box[1] = tok, st
 
     return run, box

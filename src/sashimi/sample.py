@@ -73,19 +73,46 @@ def sample_token(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    gumbel: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row from softmax(logits / temperature), nucleus-filtered. (B, K) -> (B,).
 
     Gumbel-max: argmax(z + G) with G = -log(-log U), U ~ U(0, 1), is an exact draw from
-    softmax(z) (about 3x cheaper per step than softmax + multinomial on a CPU)."""
+    softmax(z) (about 3x cheaper per step than softmax + multinomial on a CPU). `gumbel` (B, K)
+    is G drawn in advance (:class:`GumbelNoise`); otherwise it is drawn here from `generator`."""
     if temperature <= 0:
         return logits.argmax(-1)
     z = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, K)
     if top_p < 1.0:
         keep = top_p_filter(torch.softmax(z, dim=-1), top_p) > 0  # (B, K)
         z = z.masked_fill(~keep, float("-inf"))
-    u = torch.rand(z.shape, generator=generator, device=z.device).clamp_(min=1e-30)  # (B, K)
-    return (z - torch.log(-torch.log(u))).argmax(-1)  # (B,)
+    if gumbel is None:
+        gumbel = GumbelNoise.draw(z.shape, generator, z.device)  # (B, K)
+    return (z + gumbel).argmax(-1)  # (B,)
+
+
+class GumbelNoise:
+    """Gumbel(0, 1) noise for step-by-step sampling, drawn `block` steps at a time from one
+    generator: `next()` returns the (B, K) noise of the next step. One draw per block instead
+    of five small element-wise ops per step, which is a measurable share of a batch-1 step."""
+
+    def __init__(self, shape: tuple[int, int], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, block: int = 256):  # fmt: skip
+        self.shape, self.generator, self.device, self.block = tuple(shape), generator, device, block
+        self._buf: torch.Tensor | None = None
+        self._i = block
+
+    @staticmethod
+    def draw(shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
+        u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-30)
+        return u.log_().neg_().log_().neg_()  # -log(-log U)
+
+    def next(self) -> torch.Tensor:
+        if self._i == self.block:
+            self._buf = self.draw((self.block, *self.shape), self.generator, self.device)
+            self._i = 0
+        self._i += 1
+        return self._buf[self._i - 1]  # (B, K)
 
 
 @torch.no_grad()
@@ -121,13 +148,16 @@ def generate_ar(
     n_prefix = 0 if prefix is None else int(prefix.numel())
     if prefix is not None:
         prefix = prefix.to(device)
+    noise = None
     for t in range(length):
         logits, state = model.step(token, state)  # (n, 256)
         logits = logits.float()
         if t < n_prefix:
             token = prefix[t].expand(n)
         else:
-            token = sample_token(logits, temperature, top_p, generator)  # (n,)
+            if noise is None:
+                noise = GumbelNoise(logits.shape, generator, logits.device)
+            token = sample_token(logits, temperature, top_p, gumbel=noise.next())  # (n,)
             logp = torch.log_softmax(logits, dim=-1)  # (n, 256): the model's own distribution
             loglik += logp.gather(1, token[:, None])[:, 0].double()
         out[:, t] = token

@@ -577,10 +577,22 @@ def _pair_conjugate_modes(lam: Tensor, c: Tensor, tol: float = 1e-6) -> tuple[Te
     return lam2, c2
 
 
+def _linear(x: Tensor, WT: Tensor, b: Tensor) -> Tensor:
+    """x (B, K) @ WT (K, N) + b. Under torch.compile at batch 1 (shapes are static there) it is
+    written as a reduction over K, which Inductor fuses with the element-wise work around it
+    (fewer kernels per step than calling a GEMV)."""
+    if x.shape[0] == 1 and torch.compiler.is_compiling():
+        return (x.unsqueeze(-1) * WT).sum(-2) + b  # (1, N)
+    return torch.addmm(b, x, WT)
+
+
 def _fused_chain_step(
     x: Tensor, state: tuple, params: tuple, kinds: tuple, glu: bool
 ) -> tuple[Tensor, tuple]:
-    """x (B, H), state ((s_r, s_i, u) per S4 layer, float64) -> (x, new state). See _FusedChain."""
+    """x (B, H), state ((s_r, s_i, u) per S4 layer, float64) -> (x, state). See _FusedChain.
+
+    The state tensors are updated in place (no new state buffers per step: allocating them
+    cost page faults on every call at batch 16)."""
     norm_m, norm_s, lam, G, E, WoT, bo, W1T, b1, W2T, b2 = params
     j = f = 0
     for k, kind in enumerate(kinds):
@@ -595,12 +607,12 @@ def _fused_chain_step(
             sr.copy_(nr)
             si.copy_(ni)
             u_prev.copy_(u)
-            h = torch.addmm(bo[j], F.gelu(y.to(x.dtype)), WoT[j])  # (B, H or 2H)
+            h = _linear(F.gelu(y.to(x.dtype)), WoT[j], bo[j])  # (B, H or 2H)
             if glu:
                 h = F.glu(h, dim=-1)
             j += 1
         else:
-            h = torch.addmm(b2[f], F.gelu(torch.addmm(b1[f], z, W1T[f])), W2T[f])  # (B, H)
+            h = _linear(F.gelu(_linear(z, W1T[f], b1[f])), W2T[f], b2[f])  # (B, H)
             f += 1
         x = x + h
     return x, state
