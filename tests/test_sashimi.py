@@ -84,6 +84,29 @@ def test_channel_norm_backward_matches_autograd_of_the_formula():
         torch.testing.assert_close(a, b)
 
 
+def test_channel_norm_compiled_path_matches_the_formula():
+    """With the compile switch on, forward and backward run torch.compile'd (one pass each)."""
+    from sashimi.models import sashimi as sm
+    from sashimi.ssm import kernels
+
+    kernels.set_compile_mode("always")
+    try:
+        x = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
+        m = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+        s = torch.tensor([1.7], dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, 33, 16, dtype=torch.float64)
+        y = sm._ChannelNormFn.apply(x, m, s)
+        ours = torch.autograd.grad((y * g).sum(), (x, m, s))
+        assert not kernels._compile_broken and set(sm._norm_compiled) == {"fwd", "bwd"}
+        ref_y = channel_norm_reference(x, m, s)
+        ref = torch.autograd.grad((ref_y * g).sum(), (x, m, s))
+        torch.testing.assert_close(y, ref_y)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+    finally:
+        kernels.set_compile_mode(None)
+
+
 def test_downpool_matches_official_layout():
     """Input feature h*s + j of the linear is channel h at time l*s + j."""
     H, s, L = 3, 4, 12

@@ -240,7 +240,6 @@ class _CauchyCompiled(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gr: Tensor, gi: Tensor):
-        global _compile_broken
         vr, vi, wr, wi, c, s = ctx.saved_tensors
         gr, gi = gr.contiguous(), gi.contiguous()
         if not _compile_broken:
@@ -249,9 +248,7 @@ class _CauchyCompiled(torch.autograd.Function):
             try:
                 return (*_compiled["cauchy_bwd"](vr, vi, wr, wi, c, s, gr, gi), None, None)
             except Exception as err:
-                _compile_broken = True
-                msg = f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err}); using eager"
-                warnings.warn(msg, stacklevel=2)
+                disable_compile(f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err})")
         H, N2 = wr.shape
         step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
         out = None
@@ -355,6 +352,13 @@ def set_compile_mode(mode: str | None) -> None:
     _compile_mode = None if mode is None else mode.lower()
 
 
+def disable_compile(reason: str) -> None:
+    """Turn the compiled paths off for the rest of the process (after a failed compilation), with one warning."""
+    global _compile_broken
+    _compile_broken = True
+    warnings.warn(f"{reason}; using eager", stacklevel=3)
+
+
 def compile_enabled(elements: int | None = None, device: torch.device | str | None = None) -> bool:
     """Whether the compiled fused path is used for a problem of ``elements`` = H * K * N/2 Cauchy terms.
 
@@ -388,7 +392,6 @@ def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None
     and in one graph those thresholds make Inductor inline (and compile) far too much.
     Returns None (after a one-time warning) if compilation fails.
     """
-    global _compile_broken
     if not _compiled:
         _compiled["cauchy"] = torch.compile(
             _cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
@@ -407,9 +410,7 @@ def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None
             torch._dynamo.maybe_mark_dynamic(x, 2)
         return _compiled["woodbury"](re, im, args[4], args[5])
     except Exception as err:  # compiler missing or broken: fall back to the eager path for good
-        _compile_broken = True
-        msg = f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err}); using eager"
-        warnings.warn(msg, stacklevel=2)
+        disable_compile(f"S4 Cauchy kernel: torch.compile failed ({type(err).__name__}: {err})")
         return None
 
 
