@@ -316,7 +316,9 @@ class FFTConv(torch.autograd.Function):
         y = torch.fft.irfft(x_f * k_f, n=n)[..., :L]  # (B, H, L)
         ctx.save_for_backward(x, k_f, D)  # not x_f: recomputing it is cheaper than keeping 2x the memory
         ctx.n_k = n_k
-        return torch.addcmul(y.transpose(1, 2), x, D)  # (B, L, H)
+        # written into a (B, L, H)-contiguous buffer: left to itself addcmul would keep y's
+        # (B, H, L) memory layout, and every later op (GELU, the linear) would pay for it
+        return torch.addcmul(y.transpose(1, 2), x, D, out=torch.empty_like(x))  # (B, L, H)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -327,7 +329,7 @@ class FFTConv(torch.autograd.Function):
         gx = gk = gD = None
         if ctx.needs_input_grad[0]:
             gx = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :L].transpose(1, 2)  # (B, L, H)
-            gx = torch.addcmul(gx, g, D)
+            gx = torch.addcmul(gx, g, D, out=torch.empty_like(g))  # (B, L, H) contiguous, as forward
         if ctx.needs_input_grad[1]:
             x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (B, H, L+1)
             gk = torch.fft.irfft((g_f * x_f.conj()).sum(0), n=n)[..., : ctx.n_k]  # (H, n_k)
