@@ -552,13 +552,16 @@ class _FusedChain:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
-        return tuple(
-            (zeros(batch, self.H, self.M), zeros(batch, self.H, self.M), zeros(batch, self.H))
-            for _ in range(self.n_s4)
-        )
+        def layer() -> tuple[Tensor, Tensor, Tensor]:
+            return zeros(batch, self.H, self.M), zeros(batch, self.H, self.M), zeros(batch, self.H)
 
-    def __call__(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        return _fused_chain_step(x, state, self.params, self.kinds, self.glu)
+        # (current, next): each step reads one set and writes the other, then they swap
+        return tuple(layer() for _ in range(self.n_s4)), tuple(layer() for _ in range(self.n_s4))
+
+    def __call__(self, x: Tensor, state: tuple) -> tuple[Tensor, tuple]:
+        cur, nxt = state
+        x = _fused_chain_step(x, cur, nxt, self.params, self.kinds, self.glu)
+        return x, (nxt, cur)
 
 
 class _NotFusable(Exception):
@@ -622,12 +625,13 @@ def _linear(x: Tensor, WT: Tensor, b: Tensor) -> Tensor:
 
 
 def _fused_chain_step(
-    x: Tensor, state: tuple, params: tuple, kinds: tuple, glu: bool
-) -> tuple[Tensor, tuple]:
-    """x (B, H), state ((s_r, s_i, u) per S4 layer, float64) -> (x, state). See _FusedChain.
-
-    The state tensors are updated in place (no new state buffers per step: allocating them
-    cost page faults on every call at batch 16)."""
+    x: Tensor, cur: tuple, nxt: tuple, params: tuple, kinds: tuple, glu: bool
+) -> Tensor:
+    """x (B, H) -> x. Per S4 layer, cur[j] = (s_r, s_i, u) (float64) is read and nxt[j] written
+    (see _FusedChain). Writing into the other of two persistent buffers allocates nothing per
+    step (fresh state buffers cost page faults on every call at batch 16), and never updates
+    a tensor that is still being read: in-place updates of (s_r, s_i) came out wrong from
+    Inductor at batch > 1, since each new part reads both old parts."""
     norm_m, norm_s, lam, G, E, WoT, bo, W1T, b1, W2T, b2 = params
     j = f = 0
     for k, kind in enumerate(kinds):
@@ -635,13 +639,13 @@ def _fused_chain_step(
         z = (xc + norm_m[k]) * (norm_s[k] * (xc * xc).mean(dim=-1, keepdim=True).rsqrt())  # (B, H)
         if kind == "s4":
             u = z.to(torch.float64)  # (B, H)
-            sr, si, u_prev = state[j]  # s_{t-2} (B, H, M) twice, u_{t-1} (B, H)
+            sr, si, u_prev = cur[j]  # s_{t-2} (B, H, M) twice, u_{t-1} (B, H)
             a, b = lam[j, 0], lam[j, 1]  # (H, M)
             nr, ni = a * sr - b * si + u_prev.unsqueeze(-1), a * si + b * sr  # s_{t-1}
             y = (G[j, 0] * nr - G[j, 1] * ni).sum(-1) + E[j] * u  # (B, H)
-            sr.copy_(nr)
-            si.copy_(ni)
-            u_prev.copy_(u)
+            nxt[j][0].copy_(nr)
+            nxt[j][1].copy_(ni)
+            nxt[j][2].copy_(u)
             h = _linear(F.gelu(y.to(x.dtype)), WoT[j], bo[j])  # (B, H or 2H)
             if glu:
                 h = F.glu(h, dim=-1)
@@ -650,7 +654,7 @@ def _fused_chain_step(
             h = _linear(F.gelu(_linear(z, W1T[f], b1[f])), W2T[f], b2[f])  # (B, H)
             f += 1
         x = x + h
-    return x, state
+    return x
 
 
 class _Stepper:
