@@ -111,12 +111,13 @@ _norm_compiled: dict[str, Callable] = {}
 
 def _norm_impl(name: str, x: Tensor) -> Callable:
     """The eager function, or its torch.compile'd form when the S4 compile switch is on for a
-    problem this size (`sashimi.ssm.kernels.compile_enabled`). Compiled, forward and backward
-    are one pass each instead of about six: 3.6 ms against 12.5 ms at (2, 16000, 64) on 2 cores."""
+    tensor this size (`sashimi.ssm.kernels.compile_enabled`, with the tensor's element count in
+    place of the Cauchy terms). Compiled, forward and backward are one pass each instead of
+    about six: 3.6 ms against 12.5 ms at (2, 16000, 64) on 2 cores."""
     from sashimi.ssm import kernels
 
     eager = _channel_norm_fwd if name == "fwd" else _channel_norm_bwd
-    if not kernels.compile_enabled(x.numel() * 8, x.device):
+    if not kernels.compile_enabled(x.numel(), x.device):
         return eager
     if name not in _norm_compiled:
         _norm_compiled[name] = torch.compile(eager, dynamic=True)
@@ -493,14 +494,16 @@ class _FusedChain:
     - the output reads the previous state, y_t = Re((c-hat lambda-bar) . s_{t-1}) + (D + Re sum c-hat) u_t;
     - the update is applied one step late: a layer keeps (s_{t-2}, u_{t-1}) and step t forms
       s_{t-1} = lambda-bar s_{t-2} + u_{t-1} in the same pass that reduces it for y_t, so the
-      float64 state (the bulk of the memory traffic at larger batches) is read and written once;
+      float64 state (the bulk of the memory traffic at larger batches) is read and written once
+      per step, into the other of two persistent buffers (see _fused_chain_step);
     - real arithmetic, s = s_r + i s_i, and for lambda-bar = a + i b:
       s_r <- a s_r - b s_i + u, s_i <- a s_i + b s_r.
     Then GELU -> output linear (-> GLU) as in S4Block; the linear weights are kept transposed
     and contiguous (x @ W^T streams W row by row: about 2x faster than F.linear's transposed
     GEMM when the weights come from main memory, as they do at batch 1). The state of the chain
-    is a tuple with (s_r (B, H, M), s_i (B, H, M), u (B, H)) float64 per S4 layer. Built only
-    when every S4 layer is well conditioned for the modal form (else the chain stays generic).
+    is (current, next), each a tuple with (s_r (B, H, M), s_i (B, H, M), u (B, H)) float64 per
+    S4 layer; every step swaps them. Built only when every S4 layer is well conditioned for the
+    modal form (else the chain stays generic).
     """
 
     fused = True
