@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sashimi.errors import UserError
+from sashimi.ssm import kernels
 from sashimi.ssm.s4 import S4Block
 
 # ---------------------------------------------------------------------------
@@ -106,31 +107,29 @@ def _channel_norm_bwd(
     return dx, (sr * g_sum).sum().reshape(1), (r * gz).sum().reshape(1)
 
 
-_norm_compiled: dict[str, Callable] = {}
+_norm_compiled: dict[str, Callable] = {}  # "fwd" / "bwd" -> compiled-with-eager-fallback
 
 
 def _norm_impl(name: str, x: Tensor) -> Callable:
     """The eager function, or its torch.compile'd form when the S4 compile switch is on for a
-    tensor this size (`sashimi.ssm.kernels.compile_enabled`, with the tensor's element count in
-    place of the Cauchy terms). Compiled, forward and backward are one pass each instead of
-    about six: 3.6 ms against 12.5 ms at (2, 16000, 64) on 2 cores."""
-    from sashimi.ssm import kernels
-
+    tensor this size (`kernels.compile_enabled`, with the tensor's element count in place of
+    the Cauchy terms). Compiled, forward and backward are one pass each instead of about six:
+    3.6 ms against 12.5 ms at (2, 16000, 64) on 2 cores."""
     eager = _channel_norm_fwd if name == "fwd" else _channel_norm_bwd
     if not kernels.compile_enabled(x.numel(), x.device):
         return eager
     if name not in _norm_compiled:
-        _norm_compiled[name] = torch.compile(eager, dynamic=True)
-    compiled = _norm_compiled[name]
+        compiled = torch.compile(eager, dynamic=True)
 
-    def call(*args: Tensor):
-        try:
-            return compiled(*args)
-        except Exception as err:  # no working compiler: stay correct, go eager for good
-            kernels.disable_compile(f"channel norm: torch.compile failed ({type(err).__name__}: {err})")
-            return eager(*args)
+        def call(*args: Tensor):
+            try:
+                return compiled(*args)
+            except Exception as err:  # no working compiler: stay correct, go eager for good
+                kernels.disable_compile(f"channel norm: torch.compile failed ({type(err).__name__}: {err})")
+                return eager(*args)
 
-    return call
+        _norm_compiled[name] = call
+    return _norm_compiled[name]
 
 
 class _ChannelNormFn(torch.autograd.Function):
