@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import pytest
 import torch
 
@@ -317,8 +320,45 @@ def test_compiled_step_matches_eager(batch):
     m.setup_step(compile=True)
     state = m.default_state(batch)
     out = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        out.append(y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(x.shape[1]):
+            y, state = m.step(x[:, t], state)
+            out.append(y)
+    assert not [w for w in caught if "using eager" in str(w.message)]  # the compiled code ran
     assert m._stepper.up_chains[0].fused
     torch.testing.assert_close(torch.stack(out, 1), eager, atol=1e-4, rtol=1e-4)
+
+
+def _rotation_step(x: torch.Tensor, state: tuple, ordered: bool = True) -> tuple:
+    """A two-part state updated in place one step late (from the previous input), like the
+    fused S4 step; `ordered=False` writes s_r before reading it for s_i: the miscompile that
+    the first-call check exists for."""
+    sr, si, u_prev = state
+    a, b = 0.9, 0.3
+    if ordered:
+        nr, ni = a * sr - b * si + u_prev, a * si + b * sr + u_prev
+        sr.copy_(nr)
+        si.copy_(ni)
+    else:
+        sr.copy_(a * sr - b * si + u_prev)
+        si.copy_(a * si + b * sr + u_prev)
+    u_prev.copy_(x.double())
+    return (sr + si).float() + x, state
+
+
+def test_first_call_check_rejects_a_stage_that_misorders_its_state_update():
+    from sashimi.models.sashimi import _compiled_matches_eager
+
+    x = torch.randn(3, 4)
+    state = tuple(torch.zeros(3, 4, dtype=torch.float64) for _ in range(3))
+    wrong = functools.partial(_rotation_step, ordered=False)
+    assert _compiled_matches_eager(_rotation_step, _rotation_step, (x, state))
+    with pytest.warns(UserWarning, match="differs from eager"):
+        assert not _compiled_matches_eager(_rotation_step, wrong, (x, state))
+    # one call cannot tell them apart (state and previous input still zero): the check must
+    # carry the state over several calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compiled_matches_eager(_rotation_step, wrong, (x, state), calls=1)
+    assert state[0].abs().sum() == 0  # the caller's state is left alone
