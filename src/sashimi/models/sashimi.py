@@ -232,13 +232,13 @@ class DownPool(nn.Module):
         return F.linear(x, self._weight_time_major(), self.linear.bias)
 
     def setup_step(self) -> None:
-        with torch.no_grad():
-            self._w_step = self._weight_time_major().detach().clone()
+        with torch.no_grad():  # transposed and contiguous: x @ W^T streams W row by row
+            self._w_step = self._weight_time_major().detach().t().contiguous()  # (s*H, H_out)
 
     def fire(self, buffer: Sequence[Tensor]) -> Tensor:
         """Step mode: `stride` buffered inputs [(B, H)] * s -> one output (B, H_out)."""
         x = torch.cat(list(buffer), dim=-1)  # (B, s*H), feature j*H + h
-        return F.linear(x, self._w_step, self.linear.bias)
+        return torch.addmm(self.linear.bias, x, self._w_step)
 
 
 class UpPool(nn.Module):
@@ -274,13 +274,13 @@ class UpPool(nn.Module):
         return y.reshape(B, Lp * self.stride, self.d_output)  # time l*s + j, channel h
 
     def setup_step(self) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # weight transposed and contiguous, as in DownPool
             W, b = self._weight_time_major()
-            self._w_step, self._b_step = W.detach().clone(), b.detach().clone()
+            self._w_step, self._b_step = W.detach().t().contiguous(), b.detach().clone()
 
     def refill(self, x: Tensor) -> list[Tensor]:
         """Step mode: one pooled input (B, H_in) -> the next `stride` outputs [(B, H_out)] * s."""
-        y = F.linear(x, self._w_step, self._b_step)  # (B, s*Ho), feature j*Ho + h
+        y = torch.addmm(self._b_step, x, self._w_step)  # (B, s*Ho), feature j*Ho + h
         return list(y.view(x.shape[0], self.stride, self.d_output).unbind(1))
 
 
