@@ -714,8 +714,8 @@ class _Stepper:
         self.center_chain = chain(list(model.c_layers))
         self.down_chains = [chain(b, fused=False) for b in self.down_blocks]  # unet only
         with torch.no_grad():
-            self.head = (model.norm.weight.detach(), model.norm.bias.detach(), model.output.weight.detach(),
-                         model.output.bias.detach())  # fmt: skip
+            self.head = (model.norm.weight.detach(), model.norm.bias.detach(),
+                         model.output.weight.detach().t().contiguous(), model.output.bias.detach())  # fmt: skip
         self._fn_up: list[Callable] = [self._make_up(l) for l in range(P)]
         self._fn_center: Callable = self._make_center()
         if compile:
@@ -753,7 +753,7 @@ class _Stepper:
                 y, state = chain(y, state)
                 y = y + s  # skip around the up stage
             if last:  # final LayerNorm and output layer
-                y = F.linear(F.layer_norm(y, y.shape[-1:], head[0], head[1], eps), head[2], head[3])
+                y = _linear(F.layer_norm(y, y.shape[-1:], head[0], head[1], eps), head[2], head[3])
             return y, state
 
         return up
