@@ -884,7 +884,9 @@ def _compiled_matches_eager(fn: Callable, compiled: Callable, args: tuple, calls
         for _ in range(calls):
             ref, out = fn(*a), compiled(*b)
             for x, y in zip(_tensors((ref, a)), _tensors((out, b))):
-                if not torch.allclose(x, y, rtol=1e-3, atol=1e-4):
+                # loose enough for TF32 or another summation order, tight enough for a
+                # state part read after it was overwritten (errors of order one)
+                if not torch.allclose(x, y, rtol=1e-2, atol=1e-3):
                     err = (x - y).abs().max().item()
                     _warn_eager(f"the compiled stage differs from eager by {err:.2e}")
                     return False
