@@ -637,7 +637,9 @@ def _blocked(WT: Tensor, block: int = 16) -> Tensor:
     weights contiguous over K. Inductor's batch-1 reduction computes 16 outputs (one AVX-512
     vector) at a time over all K: with (K, N) weights its reads stride by N floats, with
     these it reads memory in order (about 1.3x faster per batch-1 step: the centre's 12.6 MB of
-    weights come from main memory every call). One block of all N if 16 does not divide N."""
+    weights come from main memory every call). Kept beside the (K, N) copy that the GEMMs of
+    larger batches use (~19 MB more for the paper model). One block of all N if 16 does not
+    divide N."""
     if WT.dim() != 3:  # no layers of this kind (an empty placeholder)
         return WT
     n, K, N = WT.shape
