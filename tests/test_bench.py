@@ -32,6 +32,7 @@ def test_bench_train_with_naive(capsys, tmp_path, monkeypatch):
         r["model"] == "sashimi" and r["batch"] == 2 and r["length"] == 64 and r["device"] == "cpu"
     )
     assert r["seconds_per_step"] > 0 and r["params"] > 0
+    assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["seconds_per_step"], rel=1e-3)
     assert json.loads(out.read_text()) == r
     assert r["s4_compile"] == "0"
 

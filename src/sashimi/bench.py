@@ -1,7 +1,7 @@
 """`sashimi bench {train,generate,sample}`: speed benchmarks that print ONE JSON line.
 
-    sashimi bench train    --model sashimi --batch 2 --length 16000 [--steps 3] [--naive]
-    sashimi bench generate --model sashimi --batch 16 --steps 2000 [--naive]
+    sashimi bench train    --model sashimi --batch 2 --length 16000 [--steps 3] [--naive] [--compile]
+    sashimi bench generate --model sashimi --batch 16 --steps 2000 [--naive] [--no-cuda-graph]
     sashimi bench sample   --model diffwave --backbone sashimi --batch 1 --length 16000 --fast-steps 50
 
 Models are built at the paper's sizes (SaShiMi: the SC09 model, 8 layers, d_model 64,
@@ -23,6 +23,8 @@ params, device, model, batch, length | steps, threads, load_average (the machine
 1-minute load before and after), and for generation realtime_factor = seconds of 16 kHz
 audio produced per wall-clock second (all clips together); generation is timed in 8
 chunks and seconds_per_step is the median chunk's (seconds_per_step_mean: all chunks).
+Training also reports tokens_per_s = batch * length / seconds_per_step, and on CUDA
+peak_gpu_mb.
 """
 
 from __future__ import annotations
@@ -152,11 +154,12 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
     y = torch.randint(0, 256, (args.batch, args.length), generator=g).to(device)  # (B, L)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
+    fwd = torch.compile(model) if args.compile else model  # train.compile
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with _autocast(args, device):
-            logits = model(x)  # (B, L, 256)
+            logits = fwd(x)  # (B, L, 256)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
         opt.step()
@@ -175,11 +178,13 @@ def bench_train(args) -> dict:
     res.update(batch=args.batch, length=args.length, params=_n_params(model))
     if args.model == "sashimi":
         res["s4_compile"] = args.s4_compile
+    res["compile"] = args.compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(_train_step_fn(model, args, device), args.steps, args.warmup, device)
     res.update(seconds_per_step=statistics.median(times), seconds_all=[round(t, 4) for t in times],
                peak_rss_mb=round(peak_rss_mb(), 1))  # fmt: skip
+    res["tokens_per_s"] = round(args.batch * args.length / res["seconds_per_step"], 1)
     if device.type == "cuda":
         res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if args.naive:
@@ -243,7 +248,9 @@ def bench_generate(args) -> dict:
 
     compile_ = args.compile and args.model == "sashimi"
     if args.model == "sashimi":
-        model.setup_step(compile=compile_)
+        graphs = compile_ and args.cuda_graph and device.type == "cuda"
+        model.setup_step(compile=compile_, cuda_graph=graphs)
+        res["cuda_graph"] = graphs
     else:
         model.setup_step()
     res["compiled"] = bool(compile_)
@@ -385,6 +392,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
                    help="also time the naive S4 kernel backend")  # fmt: skip
     t.add_argument("--naive-steps", type=int, default=1)
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole model, as train.compile does")  # fmt: skip
     t.add_argument("--s4-compile", choices=["auto", "0", "1"], default="1",
                    help="SASHIMI_COMPILE for the S4 kernel (default 1: the compiled kernel, "
                    "whose compile time the warm-up step absorbs; auto: the S4 layer's own default)")  # fmt: skip
@@ -395,6 +404,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, help="untimed steps first (default 64 compiled, 16 eager)")
     g.add_argument("--no-compile", dest="compile", action="store_false",
                    help="SaShiMi: eager stage steps instead of torch.compile")  # fmt: skip
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="SaShiMi on CUDA: launch every kernel instead of replaying CUDA graphs")  # fmt: skip
     g.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
                    help="also time the naive step")  # fmt: skip
     g.add_argument(

@@ -416,7 +416,11 @@ class SaShiMi(nn.Module):
     # ---- recurrent (generation) mode ------------------------------------
 
     def setup_step(
-        self, compile: bool = False, s4_mode: str = "auto", fused: bool | None = None
+        self,
+        compile: bool = False,
+        s4_mode: str = "auto",
+        fused: bool | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         """Prepare for `step` (idempotent; redo after the weights change): discretise every S4
         layer, cache the weight-normed pool weights. `compile=True` wraps each stage's step in
@@ -425,14 +429,23 @@ class SaShiMi(nn.Module):
         "dense"; "dense" is the official-style exact step, the slow reference). `fused` (default:
         = compile) steps each stage as one pure function of stacked tensors in real float64
         arithmetic, the form torch.compile fuses; otherwise every block steps through its own
-        `step` (S4Block's complex modal step: fewer eager ops, and the fused path's oracle)."""
+        `step` (S4Block's complex modal step: fewer eager ops, and the fused path's oracle).
+        `cuda_graph` (default: = compile, on a CUDA model) replays the steps from CUDA graphs
+        (_GraphedSteps): the state then lives in the model, and only the newest
+        `default_state(batch)` of each batch size can be stepped."""
         if not self.causal:
             raise UserError("SaShiMi.setup_step: a bidirectional model cannot be stepped")
         for m in self.modules():
             if isinstance(m, (DownPool, UpPool)):
                 m.setup_step()
         fused = (compile if fused is None else fused) and s4_mode != "dense"
-        self._stepper = _Stepper(self, compile=compile, fused=fused, s4_mode=s4_mode)
+        on_cuda = next(self.parameters()).device.type == "cuda"
+        if cuda_graph and not on_cuda:
+            raise UserError("SaShiMi.setup_step: cuda_graph=True needs the model on a CUDA device")
+        cuda_graph = compile and on_cuda if cuda_graph is None else cuda_graph
+        self._stepper = _Stepper(
+            self, compile=compile, fused=fused, s4_mode=s4_mode, cuda_graph=cuda_graph
+        )
 
     def default_state(self, batch: int, device=None) -> dict:
         """Fresh generation state; `step` updates it in place and returns it."""
@@ -700,9 +713,16 @@ class _Stepper:
     """
 
     def __init__(
-        self, model: SaShiMi, compile: bool = False, fused: bool = True, s4_mode: str = "auto"
+        self,
+        model: SaShiMi,
+        compile: bool = False,
+        fused: bool = True,
+        s4_mode: str = "auto",
+        cuda_graph: bool = False,
     ):
         self.model = model
+        self.cuda_graph = cuda_graph
+        self._graphed: dict[int, _GraphedSteps | None] = {}  # batch size -> its graphs
         P = len(model.pool)
         self.P, self.strides, self.unet = P, model.pool, model.unet
         self.down_blocks: list[list[ResidualBlock]] = [[] for _ in range(P)]
@@ -815,6 +835,15 @@ class _Stepper:
     def default_state(self, batch: int, device=None) -> dict:
         p = next(self.model.parameters())
         device = p.device if device is None else torch.device(device)
+        if self.cuda_graph and device.type == "cuda":
+            if batch not in self._graphed:  # None: capture failed, step without graphs
+                self._graphed[batch] = _GraphedSteps.capture(self, batch, device)
+            if self._graphed[batch] is not None:
+                return self._graphed[batch].reset()
+        return self._fresh_state(batch, device)
+
+    def _fresh_state(self, batch: int, device: torch.device) -> dict:
+        p = next(self.model.parameters())
         return {
             "down_buf": [[] for _ in range(self.P)],  # inputs waiting in each DownPool
             "up_buf": [  # outputs each UpPool still has to emit: zeros first (causal shift),
@@ -830,6 +859,11 @@ class _Stepper:
     # -- one sample --
 
     def step(self, token: Tensor, state: dict) -> Tensor:
+        if "graphed" in state:
+            return state["graphed"].step(token, state)
+        return self._step(token, state)
+
+    def _step(self, token: Tensor, state: dict) -> Tensor:
         x = F.embedding(token, self.model.embedding.weight)  # (B, H)
         return self._tick(0, x, state)
 
@@ -860,21 +894,107 @@ class _Stepper:
 
 
 def _tensors(obj) -> list[Tensor]:
-    """The tensors in nested tuples and lists, in order."""
+    """The tensors in nested tuples, lists and dicts (values), in order."""
     if isinstance(obj, Tensor):
         return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in _tensors(o)]
     return []
 
 
 def _map_tensors(fn: Callable[[Tensor], Tensor], obj):
-    """`obj` with every tensor t in its nested tuples and lists replaced by fn(t)."""
+    """`obj` with every tensor t in its nested tuples, lists and dicts replaced by fn(t)
+    (new containers throughout)."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return type(obj)(_map_tensors(fn, o) for o in obj)
     return obj
+
+
+class _GraphedSteps:
+    """The recurrent step replayed from CUDA graphs, for one batch size.
+
+    On a GPU a step is launch-bound: ~100 small kernels, each launched from Python. Which
+    stages run at step t depends only on t mod T, T = prod(pool), so T graphs, one per phase,
+    capture every possible step. They share one memory pool and are always replayed in the
+    order they were captured (phase 0, 1, ..., T-1, 0, ...), so a tensor that one phase leaves
+    in the state (a DownPool input, an UpPool output) is still in place when a later phase
+    reads it. The last phase copies the state back into the tensors the period started from.
+    The state thus lives here, at fixed addresses: `reset` refills it with a fresh state and
+    returns a handle; only the newest handle can step."""
+
+    @torch.no_grad()  # as SaShiMi.step: the stages are compiled (and captured) without autograd
+    def __init__(self, stepper: _Stepper, batch: int, device: torch.device):
+        self.stepper, self.batch, self.device = stepper, batch, device
+        T = math.prod(stepper.strides)
+        self.token = torch.full((batch,), 128, dtype=torch.long, device=device)  # (B,)
+        state = stepper._fresh_state(batch, device)
+        # warm-up on a side stream, as capture requires: compiles every stage (and runs its
+        # first-call check) for this batch size; two periods leave the state at a period start
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2 * T):
+                stepper._step(self.token, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.start = _tensors(state)  # the period-start state tensors
+        layout = _map_tensors(lambda t: t, state)  # their containers, before the steps move them
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.logits: list[Tensor] = []  # each phase's output buffer (B, n_classes)
+        for phase in range(T):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                y = stepper._step(self.token, state)
+                if phase == T - 1:  # close the period: carry the state back to its start
+                    end = _tensors(state)
+                    if [t.shape for t in end] != [t.shape for t in self.start]:
+                        raise RuntimeError("the state's layout changed over one period")
+                    for a, b in zip(self.start, end):
+                        if a is not b:  # (states updated in place are already there)
+                            a.copy_(b)
+            self.graphs.append(g)
+            self.logits.append(y)
+        self.state = layout
+        self.phase, self.epoch = 0, 0
+
+    @classmethod
+    def capture(cls, stepper: _Stepper, batch: int, device: torch.device) -> _GraphedSteps | None:
+        try:
+            return cls(stepper, batch, device)
+        except Exception as e:  # a stage that cannot be captured: step without graphs
+            warnings.warn(
+                f"SaShiMi step: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                "stepping without graphs",
+                stacklevel=4,
+            )
+            return None
+
+    @torch.no_grad()
+    def reset(self) -> dict:
+        """A fresh generation: the state refilled in place, and a handle that steps it."""
+        for a, b in zip(self.start, _tensors(self.stepper._fresh_state(self.batch, self.device))):
+            a.copy_(b)
+        self.phase = 0
+        self.epoch += 1
+        return {"graphed": self, "epoch": self.epoch}
+
+    def step(self, token: Tensor, handle: dict) -> Tensor:  # (B,) -> (B, n_classes)
+        if handle["epoch"] != self.epoch:
+            raise RuntimeError(
+                "SaShiMi.step: this state was replaced by a newer default_state() of the same "
+                "batch size (with CUDA graphs the state lives in the model: one per batch size)"
+            )
+        self.token.copy_(token)
+        p = self.phase
+        self.graphs[p].replay()
+        self.phase = (p + 1) % len(self.graphs)
+        return self.logits[p].clone()  # the buffer is overwritten T steps from now
 
 
 def _warn_eager(why: str) -> None:

@@ -366,6 +366,8 @@ def compile_enabled(elements: int | None = None, device: torch.device | str | No
     terms up (on a CPU only when asked: the compile time outweighs short jobs).
     A failed compilation disables it for the rest of the process.
     """
+    if torch.compiler.is_compiling():  # inside a whole-model torch.compile (train.compile):
+        return False  # it compiles the eager code itself; nested compiled calls are untraceable
     mode = _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
     if mode in ("0", "never", "false") or _compile_broken or not hasattr(torch, "compile"):
         return False

@@ -316,6 +316,9 @@ class FFTConv(torch.autograd.Function):
         y = torch.fft.irfft(x_f * k_f, n=n)[..., :L]  # (B, H, L)
         ctx.save_for_backward(x, x_f, k_f, D)  # x_f kept for dL/dk: ~230 MB at paper size, ~8% of a step
         ctx.n_k = n_k
+        if torch.compiler.is_compiling():  # (a whole-model torch.compile: no out= here, as
+            # a traced forward's out= result comes back cut off from this Function's backward)
+            return torch.addcmul(y.transpose(1, 2), x, D).contiguous()  # (B, L, H)
         # written into a (B, L, H)-contiguous buffer: left to itself addcmul would keep y's
         # (B, H, L) memory layout, and every later op (GELU, the linear) would pay for it
         return torch.addcmul(y.transpose(1, 2), x, D, out=torch.empty_like(x))  # (B, L, H)
