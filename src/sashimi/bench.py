@@ -248,7 +248,7 @@ def bench_generate(args) -> dict:
 
     compile_ = args.compile and args.model == "sashimi"
     if args.model == "sashimi":
-        graphs = compile_ and args.cuda_graph and device.type == "cuda"
+        graphs = args.cuda_graph and device.type == "cuda"
         model.setup_step(compile=compile_, cuda_graph=graphs)
         res["cuda_graph"] = graphs
     else:
@@ -284,7 +284,7 @@ def bench_generate(args) -> dict:
         nsteps = args.naive_steps or args.steps
         if args.model == "sashimi" and _has_dense_step(model):
             res["naive"] = "official-style eager step, S4 dense state"
-            model.setup_step(compile=False, s4_mode="dense")
+            model.setup_step(compile=False, s4_mode="dense", cuda_graph=False)
             default_state, step = model.default_state, model.step
         elif args.model == "wavenet":
             res["naive"] = "recompute the causal conv over the receptive field"

@@ -430,7 +430,7 @@ class SaShiMi(nn.Module):
         = compile) steps each stage as one pure function of stacked tensors in real float64
         arithmetic, the form torch.compile fuses; otherwise every block steps through its own
         `step` (S4Block's complex modal step: fewer eager ops, and the fused path's oracle).
-        `cuda_graph` (default: = compile, on a CUDA model) replays the steps from CUDA graphs
+        `cuda_graph` (default: on a CUDA model) replays the steps from CUDA graphs
         (_GraphedSteps): the state then lives in the model, and only the newest
         `default_state(batch)` of each batch size can be stepped."""
         if not self.causal:
@@ -442,7 +442,7 @@ class SaShiMi(nn.Module):
         on_cuda = next(self.parameters()).device.type == "cuda"
         if cuda_graph and not on_cuda:
             raise UserError("SaShiMi.setup_step: cuda_graph=True needs the model on a CUDA device")
-        cuda_graph = compile and on_cuda if cuda_graph is None else cuda_graph
+        cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self._stepper = _Stepper(
             self, compile=compile, fused=fused, s4_mode=s4_mode, cuda_graph=cuda_graph
         )
