@@ -235,7 +235,8 @@ class _CauchyCompiled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor):
-        ctx.save_for_backward(vr, vi, wr, wi, c, s)
+        # the backward's reduction runs over K: there the usual (.., H, N2) layout is the fast one
+        ctx.save_for_backward(*(x.contiguous() for x in (vr, vi, wr, wi)), c, s)
         return _compiled["cauchy"](vr, vi, wr, wi, c, s)
 
     @staticmethod
@@ -378,6 +379,36 @@ def compile_enabled(elements: int | None = None, device: torch.device | str | No
     return elements is None or elements >= _COMPILE_MIN_ELEMENTS
 
 
+_pointwise: dict[Callable, Callable] = {}  # eager function -> its compiled-with-fallback form
+
+
+def maybe_compiled(fn: Callable, x: Tensor) -> Callable:
+    """``fn`` itself, or its torch.compile'd form when the compile switch is on for a tensor like ``x``
+    (:func:`compile_enabled` with x's element count in place of the Cauchy terms).
+
+    For the pointwise glue around the matrix products and FFTs (the channel norm, GELU -> linear ->
+    GLU -> residual, ...): compiled, Inductor fuses each chain into one pass over memory instead of
+    one per op, in the forward and the backward. The compiled form is cached per function, with
+    dynamic shapes. If compiling fails it warns once, turns compiling off for the process
+    (:func:`disable_compile`) and runs ``fn`` eagerly, so results never depend on it.
+    """
+    if not compile_enabled(x.numel(), x.device):
+        return fn
+    call = _pointwise.get(fn)
+    if call is None:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def call(*args, **kwargs):
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:  # no working compiler: stay correct, go eager for good
+                disable_compile(f"{fn.__name__}: torch.compile failed ({type(err).__name__}: {err})")
+                return fn(*args, **kwargs)
+
+        _pointwise[fn] = call
+    return call
+
+
 # Inductor's store-vs-recompute heuristics would materialise the (N2, H, K) Cauchy coefficients
 # (their expression is "large"); raising the thresholds keeps everything inside one fused loop.
 _INDUCTOR_OPTIONS = {
@@ -432,10 +463,9 @@ def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: s
     v: (M, H, N2) complex with M = 2 (ch + 1) as in :func:`_woodbury_real`; dtA: (H, N2).
     Returns (ch, H, K) complex.
     """
-    args = [x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag)] + [c, s]
     out = None
     if backend == "torch" and compile_enabled(dtA.numel() * c.numel(), dtA.device):
-        out = _generating_function_compiled(*args)
+        out = _generating_function_compiled(*(_mode_major(x) for x in (v.real, v.imag, dtA.real, dtA.imag)), c, s)
     if out is None:
         rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
         out = _woodbury_real(rho.real, rho.imag, c, s)
@@ -578,3 +608,8 @@ def benchmark_kernel(
         "forward_peak_mb": fwd_mb,
         "forward_backward_peak_mb": fwd_bwd_mb,
     }
+
+
+def _mode_major(x: Tensor) -> Tensor:
+    """x (..., H, N2) with the modes as the slow memory dim (strides (..., 1, H))."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sashimi.errors import UserError
+from sashimi.ssm import kernels
 from sashimi.ssm.kernels import dplr_kernel, resolve_backend
 
 # Learning-rate / weight-decay hints for the SSM parameters (Lambda, P, B, dt), in the official
@@ -345,6 +346,22 @@ class FFTConv(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def s4_head(
+    y: Tensor, W: Tensor, b: Tensor, glu: bool, residual: Tensor | None = None, p: float = 0.0
+) -> Tensor:
+    """Pointwise part of S4Block, shared by both modes: GELU -> dropout(p) -> output linear (-> GLU)
+    (+ residual). y: (..., H) -> (..., H). Dropout sits after the GELU as in the official S4Block.
+    A plain function of tensors, so that `kernels.maybe_compiled` can fuse it (training forward),
+    and with no module-hook overhead (which matters for batch-1 stepping)."""
+    y = F.gelu(y)
+    if p > 0:
+        y = F.dropout(y, p)
+    y = F.linear(y, W, b)  # (..., H or 2H)
+    if glu:
+        y = F.glu(y, dim=-1)
+    return y if residual is None else y + residual
+
+
 class S4Block(nn.Module):
     """S4 layer on (B, L, H) inputs: FFTConv(u) + D u -> GELU -> dropout -> output linear (-> GLU).
 
@@ -399,18 +416,14 @@ class S4Block(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return FFTConv.apply(x, k.to(x.dtype), self.D[0].to(x.dtype))  # (B, L, H)
 
-    def _head(self, y: Tensor) -> Tensor:
-        """Pointwise part shared by both modes: GELU -> dropout -> output linear (-> GLU)."""
-        y = F.gelu(y)
-        if self.training:
-            y = self.dropout(y)
-        # Functional call: no module-hook overhead, which matters for batch-1 stepping.
-        y = F.linear(y, self.output_linear.weight, self.output_linear.bias)
-        return F.glu(y, dim=-1) if self.glu else y
-
-    def forward(self, u: Tensor) -> Tensor:
-        """u: (B, L, H) -> (B, L, H)."""
-        return self._head(self.fft_conv(u).to(u.dtype))
+    def forward(self, u: Tensor, residual: Tensor | None = None) -> Tensor:
+        """u: (B, L, H) -> (B, L, H); plus `residual` (B, L, H) if given (the residual block's skip,
+        added here so that the compiled pointwise tail fuses it)."""
+        y = self.fft_conv(u).to(u.dtype)  # (B, L, H)
+        W, b = self.output_linear.weight, self.output_linear.bias
+        if self.training and isinstance(self.dropout, nn.Dropout):  # eager: torch's dropout RNG stream
+            return s4_head(y, W, b, self.glu, residual, self.dropout.p)
+        return kernels.maybe_compiled(s4_head, y)(y, W, b, self.glu, residual)
 
     # -- recurrent mode --------------------------------------------------------------------------
 
@@ -469,7 +482,8 @@ class S4Block(nn.Module):
             state = torch.view_as_real(s)
         else:
             raise RuntimeError("call setup_step() before step()")
-        return self._head(y.to(u.dtype)), state
+        W, b = self.output_linear.weight, self.output_linear.bias
+        return s4_head(y.to(u.dtype), W, b, self.glu), state
 
     def _step_modal_complex(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Eager modal step in as few kernel launches as possible (batch-1 cost is dispatch, not FLOPs)."""
