@@ -152,7 +152,10 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
         device
     )  # (B, ctx + L)
     y = torch.randint(0, 256, (args.batch, args.length), generator=g).to(device)  # (B, L)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    from sashimi.config import TrainConfig
+    from sashimi.train import build_optimizer
+
+    opt = build_optimizer(model, TrainConfig())  # what `sashimi train` uses: AdamW, fused
     model.train()
     fwd = torch.compile(model) if args.compile else model  # train.compile
 

@@ -230,11 +230,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: float
 
 
 def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups`. Adam(W) runs fused (one kernel for all parameters
+    instead of ~10 per parameter: ~25 ms of a ~2.4 s CPU step of the SC09 SaShiMi) when every
+    parameter is a float tensor on a CPU or CUDA device; same update, to float rounding."""
     groups = param_groups(model, tc.lr, tc.weight_decay, tc.ssm_lr)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
     if tc.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     raise UserError(f"train.optimizer: {tc.optimizer!r} is not one of adamw, adam, sgd")
