@@ -176,7 +176,8 @@ def _cauchy_fused(
 
     vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,). Returns Re, Im of rho: (M, H, K) each.
     The modes are the OUTER dim of the (N2, H, K) domain so the fused loop vectorises along K
-    and accumulates over N2 in registers.
+    and accumulates over N2 in registers (on a CPU that also needs the inputs stored mode-major,
+    see :func:`_mode_major`).
     """
     a, b, g, d = _cauchy_coefficients(wr.T[:, :, None], wi.T[:, :, None], c, s)  # (N2, H, K)
     vr, vi = vr.transpose(1, 2)[..., None], vi.transpose(1, 2)[..., None]  # (M, N2, H, 1)
@@ -465,11 +466,24 @@ def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: s
     """
     out = None
     if backend == "torch" and compile_enabled(dtA.numel() * c.numel(), dtA.device):
-        out = _generating_function_compiled(*(_mode_major(x) for x in (v.real, v.imag, dtA.real, dtA.imag)), c, s)
+        args = [_mode_major(x) for x in (v.real, v.imag, dtA.real, dtA.imag)]
+        out = _generating_function_compiled(*args, c, s)
     if out is None:
         rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
         out = _woodbury_real(rho.real, rho.imag, c, s)
     return torch.complex(*out)
+
+
+def _mode_major(x: Tensor) -> Tensor:
+    """x (..., H, N2), on a CPU laid out with the modes as the slow dim (strides (..., 1, H)).
+
+    The compiled Cauchy forward then vectorises along the frequencies and accumulates over the
+    modes in registers; from the usual layout Inductor vectorised along the 32 modes and paid
+    8 horizontal vector sums per (channel, frequency): 7.0 against 10.8 ms at H=64, L=16,000
+    on 2 cores. On a GPU the layout is left as it was measured (contiguous)."""
+    if x.device.type != "cpu":
+        return x.contiguous()
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _kernel_fast(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str) -> Tensor:
@@ -608,8 +622,3 @@ def benchmark_kernel(
         "forward_peak_mb": fwd_mb,
         "forward_backward_peak_mb": fwd_bwd_mb,
     }
-
-
-def _mode_major(x: Tensor) -> Tensor:
-    """x (..., H, N2) with the modes as the slow memory dim (strides (..., 1, H))."""
-    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
