@@ -88,8 +88,9 @@ def test_channel_norm_backward_matches_autograd_of_the_formula():
 
 @pytest.mark.parametrize("glu", [True, False])
 def test_compiled_pointwise_tails_match_eager(glu):
-    """With the compile switch on, the S4 and FF blocks' GELU -> linear (-> GLU) + residual tails
-    run torch.compile'd (kernels.maybe_compiled): same outputs and gradients as eager."""
+    """With the compile switch on, the S4 block's GELU -> linear (-> GLU) + residual tail runs
+    torch.compile'd (kernels.maybe_compiled): same outputs and gradients as eager (so do the FF
+    block and the channel norm around it)."""
     from sashimi.models import sashimi as sm
     from sashimi.ssm import kernels
     from sashimi.ssm.s4 import s4_head
@@ -114,7 +115,7 @@ def test_compiled_pointwise_tails_match_eager(glu):
         torch.testing.assert_close(outs["always"][0], outs["never"][0])
         for a, b in zip(outs["always"][1], outs["never"][1], strict=True):
             torch.testing.assert_close(a, b)
-    assert {s4_head, sm.ff_block} <= set(kernels._pointwise)
+    assert {s4_head, sm._channel_norm_fwd, sm._channel_norm_bwd} <= set(kernels._pointwise)
 
 
 def test_channel_norm_compiled_path_matches_the_formula():
