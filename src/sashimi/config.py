@@ -80,7 +80,7 @@ class TrainConfig:
     tbptt: int | None = None  # truncated-BPTT chunk length (SampleRNN)
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     compile: bool = False  # torch.compile the whole model (GPU; minutes to compile on a CPU)
-    s4_compile: str = "auto"  # S4 Cauchy kernel and channel norm: auto (CUDA, large) | always | never
+    s4_compile: str = "auto"  # S4 kernel, channel norm, S4 tail: auto (CUDA, large) | always | never
     keep_last: int = 2
     seed: int = 0
     num_workers: int = 2
