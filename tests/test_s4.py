@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -192,8 +193,9 @@ def test_cauchy_backends_agree(monkeypatch):
     z = 2j * s[:-1] / c[:-1]  # finite nodes only (the oracle cannot take z = infinity)
     ref = kernels.cauchy_naive(v, z, w)  # (M, H, K-1)
     fused = torch.complex(*kernels._cauchy_fused(v.real, v.imag, w.real, w.imag, c, s))
-    # Tiny chunks: several of them, each checkpointed in the backward.
+    # Tiny chunks: several of them, in the forward and in the written-out backward.
     monkeypatch.setattr(kernels, "_EAGER_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(kernels, "_EAGER_BACKWARD_CHUNK_ELEMENTS", 60)
     chunked = torch.complex(*kernels._cauchy_eager(v.real, v.imag, w.real, w.imag, c, s))
     for out in (fused, chunked):
         assert rel(out[..., :-1] * c[:-1], ref) < 1e-12  # r = c * rho
@@ -552,7 +554,7 @@ def test_cauchy_written_out_backward_matches_autograd():
         assert rel(a, b) < 1e-12
     # the chunked eager fallback of the compiled Function's backward sums chunks over K
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "_EAGER_CHUNK_ELEMENTS", 2 * H * N2)  # chunks of 2 frequencies
+        mp.setattr(kernels, "_EAGER_BACKWARD_CHUNK_ELEMENTS", 2 * H * N2)  # chunks of 2 frequencies
         mp.setattr(kernels, "_compile_broken", True)
         mp.setitem(kernels._compiled, "cauchy", kernels._cauchy_fused)
         re2, im2 = kernels._CauchyCompiled.apply(vr, vi, wr, wi, c, s)
@@ -560,3 +562,22 @@ def test_cauchy_written_out_backward_matches_autograd():
     assert rel(re2, re) < 1e-14
     for a, b in zip(out2, ref, strict=True):
         assert rel(a, b) < 1e-12
+
+
+def test_large_eager_kernel_hints_once_at_compiling(monkeypatch):
+    """A large S4 kernel run eagerly (SASHIMI_COMPILE auto on a CPU) warns once, naming the switch;
+    not when compiling was turned off on purpose."""
+    monkeypatch.setattr(kernels, "_EAGER_HINT_ELEMENTS", 3 * 17 * 8)  # H * K * N2 of the call below
+    monkeypatch.setattr(kernels, "_hinted", False)
+    monkeypatch.setattr(kernels, "_compile_mode", "auto")
+    k = perturbed_kernel(H=3, N=16)
+    with pytest.warns(UserWarning, match="s4_compile: always") as rec:
+        k(L=32)
+        k(L=32)
+        k(L=16)  # below the size: no hint either
+    assert sum("runs eagerly" in str(r.message) for r in rec) == 1
+    monkeypatch.setattr(kernels, "_hinted", False)
+    monkeypatch.setattr(kernels, "_compile_mode", "never")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k(L=32)

@@ -32,8 +32,8 @@ Three ways to evaluate it live here:
   never vanish because Re w < 0. The broadcast multiply-and-sum over N is
   compiled with torch.compile (Inductor fuses the Cauchy coefficients into the
   reduction, and generates a fused backward too); without a working compiler it
-  runs eagerly in chunks over the frequencies, each chunk checkpointed so the
-  backward is chunked as well. Either way memory is O(H L), not O(H N L).
+  runs eagerly in chunks over the frequencies, forward and written-out backward
+  alike. Either way memory is O(H L), not O(H N L).
 * ``keops``: the real-arithmetic sums as a pykeops reduction (optional import;
   mostly useful on GPUs, slower than plain torch on CPU). pykeops was not
   installable where this was written, so this path has not been run.
@@ -55,7 +55,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor
 
 from sashimi.errors import UserError
@@ -64,6 +63,8 @@ BACKENDS = ("auto", "naive", "torch", "keops")
 
 # Elements of one (H, K_chunk, N/2) coefficient tensor in the eager fallback.
 _EAGER_CHUNK_ELEMENTS = 1 << 20
+# ... and of one (H, N2, K_chunk) temporary of its written-out backward.
+_EAGER_BACKWARD_CHUNK_ELEMENTS = 1 << 18
 # With SASHIMI_COMPILE=auto, compile only Cauchy problems with at least this many (H, K, N/2) terms.
 _COMPILE_MIN_ELEMENTS = 1 << 22
 
@@ -251,14 +252,26 @@ class _CauchyCompiled(torch.autograd.Function):
                 return (*_compiled["cauchy_bwd"](vr, vi, wr, wi, c, s, gr, gi), None, None)
             except Exception as err:
                 disable_compile(f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err})")
-        H, N2 = wr.shape
-        step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
-        out = None
-        for k0 in range(0, c.shape[0], step):
-            sl = slice(k0, k0 + step)
-            part = _cauchy_fused_backward(vr, vi, wr, wi, c[sl], s[sl], gr[..., sl], gi[..., sl])
-            out = part if out is None else tuple(o + p for o, p in zip(out, part, strict=True))
-        return (*out, None, None)
+        return (*_cauchy_backward_chunked(vr, vi, wr, wi, c, s, gr, gi), None, None)
+
+
+def _cauchy_backward_chunked(
+    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_cauchy_fused_backward` evaluated eagerly, in chunks over K (the sums are additive).
+
+    Its (H, N2, K_chunk) temporaries stay at _EAGER_BACKWARD_CHUNK_ELEMENTS each (1 MB in float32,
+    so they mostly stay in cache: 0.35 s against 0.85 s with 4 MB chunks at H=64, L=16,000 on a
+    2-core CPU). Shapes as there.
+    """
+    H, N2 = wr.shape
+    step = max(1, _EAGER_BACKWARD_CHUNK_ELEMENTS // max(1, H * N2))
+    out = None
+    for k0 in range(0, c.shape[0], step):
+        sl = slice(k0, k0 + step)
+        part = _cauchy_fused_backward(vr, vi, wr, wi, c[sl], s[sl], gr[..., sl], gi[..., sl])
+        out = part if out is None else tuple(o.add_(p) for o, p in zip(out, part, strict=True))
+    return out
 
 
 def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,43 +293,43 @@ def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor
     return c * tr - s * ti, c * ti + s * tr  # times (c + i s)
 
 
-def _cauchy_chunk_matmul(
-    vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Eager form for one chunk of frequencies: coefficients then a batched matmul over N2.
-
-    vr, vi: (H, N2, M); wr, wi: (H, 1, N2); c, s: (Kc, 1). Returns (H, Kc, M) twice.
+class _CauchyEager(torch.autograd.Function):
+    """The Cauchy sums without a compiler: forward chunked over K through batched matmuls, backward
+    the written-out gradient (:func:`_cauchy_backward_chunked`), also chunked. Nothing of size
+    (H, N2, K) is kept for the backward; only the inputs are. Autograd through the chunks instead
+    (even checkpointed, as this path was before) held an 18 GB peak RSS at paper size
+    (2 x 16,000 tokens, 8-layer SaShiMi) on a CPU, against ~3.5 GB compiled: glibc kept the
+    many freed per-chunk tensors of the graph.
     """
-    a, b, g, d = _cauchy_coefficients(wr, wi, c, s)  # (H, Kc, N2)
-    re = torch.baddbmm(torch.bmm(b, vi), a, vr)  # (H, Kc, M)
-    im = torch.baddbmm(torch.bmm(g, vi), d, vr, alpha=-1)  # (H, Kc, M)
-    return re, im
+
+    @staticmethod
+    def forward(ctx, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor):
+        ctx.save_for_backward(vr, vi, wr, wi, c, s)
+        M, H, N2 = vr.shape
+        K = c.shape[0]
+        vr_t, vi_t = vr.permute(1, 2, 0), vi.permute(1, 2, 0)  # (H, N2, M)
+        wr_, wi_ = wr.unsqueeze(1), wi.unsqueeze(1)  # (H, 1, N2)
+        re, im = vr.new_empty(H, K, M), vr.new_empty(H, K, M)
+        step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
+        for k0 in range(0, K, step):
+            sl = slice(k0, k0 + step)
+            a, b, g, d = _cauchy_coefficients(wr_, wi_, c[sl, None], s[sl, None])  # (H, Kc, N2)
+            torch.baddbmm(torch.bmm(b, vi_t), a, vr_t, out=re[:, sl])  # (H, Kc, M)
+            torch.baddbmm(torch.bmm(g, vi_t), d, vr_t, alpha=-1, out=im[:, sl])
+        return re.permute(2, 0, 1), im.permute(2, 0, 1)  # (M, H, K)
+
+    @staticmethod
+    def backward(ctx, gr: Tensor, gi: Tensor):
+        vr, vi, wr, wi, c, s = ctx.saved_tensors
+        grads = _cauchy_backward_chunked(vr, vi, wr, wi, c, s, gr.contiguous(), gi.contiguous())
+        return (*grads, None, None)
 
 
 def _cauchy_eager(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Chunked over K; each chunk is checkpointed so the backward recomputes it (memory stays bounded)."""
-    M, H, N2 = vr.shape
-    K = c.shape[0]
-    vr_t, vi_t = vr.permute(1, 2, 0), vi.permute(1, 2, 0)  # (H, N2, M)
-    wr_, wi_ = wr.unsqueeze(1), wi.unsqueeze(1)  # (H, 1, N2)
-    step = max(1, _EAGER_CHUNK_ELEMENTS // max(1, H * N2))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (vr, vi, wr, wi))
-    res, ims = [], []
-    for k0 in range(0, K, step):
-        args = (vr_t, vi_t, wr_, wi_, c[k0 : k0 + step, None], s[k0 : k0 + step, None])
-        if needs_grad and K > step:
-            re, im = torch.utils.checkpoint.checkpoint(
-                _cauchy_chunk_matmul, *args, use_reentrant=False
-            )
-        else:
-            re, im = _cauchy_chunk_matmul(*args)
-        res.append(re)
-        ims.append(im)
-    re = torch.cat(res, dim=1).permute(2, 0, 1)  # (M, H, K)
-    im = torch.cat(ims, dim=1).permute(2, 0, 1)  # (M, H, K)
-    return re, im
+    """Re, Im of the Cauchy sums (M, H, K) from vr, vi (M, H, N2), wr, wi (H, N2), c, s (K,), eagerly."""
+    return _CauchyEager.apply(vr, vi, wr, wi, c, s)
 
 
 def _cauchy_keops(
@@ -465,13 +478,36 @@ def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: s
     Returns (ch, H, K) complex.
     """
     out = None
-    if backend == "torch" and compile_enabled(dtA.numel() * c.numel(), dtA.device):
+    terms = dtA.numel() * c.numel()  # H * K * N2
+    if backend == "torch" and compile_enabled(terms, dtA.device):
         args = [_mode_major(x) for x in (v.real, v.imag, dtA.real, dtA.imag)]
         out = _generating_function_compiled(*args, c, s)
+    elif backend == "torch" and terms >= _EAGER_HINT_ELEMENTS and not _hinted:
+        _hint_eager(terms)
     if out is None:
         rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
         out = _woodbury_real(rho.real, rho.imag, c, s)
     return torch.complex(*out)
+
+
+_hinted = False
+# Eager problems from this size up get a one-time hint (paper-size SC09 on a CPU: 1.6e7 terms).
+_EAGER_HINT_ELEMENTS = 1 << 23
+
+
+def _hint_eager(terms: int) -> None:
+    """Warn once per process that a large kernel runs eagerly: on a 2-core CPU the paper SC09
+    SaShiMi trains at ~8 s per step (2 x 16,000 tokens) eagerly, ~2.4 s compiled."""
+    global _hinted
+    _hinted = True
+    mode = _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
+    if mode in ("0", "never", "false") or _compile_broken or torch.compiler.is_compiling():
+        return  # asked for (or no compiler): nothing to suggest
+    warnings.warn(
+        f"S4 kernel with {terms:.2e} Cauchy terms runs eagerly; for long runs set train.s4_compile: "
+        "always (or SASHIMI_COMPILE=1): it compiles once (about a minute) and trains ~3x faster",
+        stacklevel=3,
+    )
 
 
 def _mode_major(x: Tensor) -> Tensor:
