@@ -227,6 +227,7 @@ def test_fast_and_naive_kernel_gradients_agree():
 def test_compiled_path(monkeypatch):
     """torch.compile of the fused sums (cold compile takes tens of seconds on a CPU)."""
     monkeypatch.setenv("SASHIMI_COMPILE", "1")
+    monkeypatch.setattr(kernels, "_CPU_SUM_BLOCK", 8)  # the backward in 5 blocks of frequencies
     k = perturbed_kernel(H=3, N=16)
     ref = krylov_kernel(k, 64)
     K = k(64)
