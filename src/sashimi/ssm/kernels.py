@@ -272,7 +272,8 @@ def _cauchy_backward_compiled(
     out = None
     for k0 in range(0, K, step):
         sl = slice(k0, k0 + step)
-        args = (vr, vi, wr, wi, c[sl].clone(), s[sl].clone(), gr[..., sl].contiguous(), gi[..., sl].contiguous())
+        blk = (c[sl].clone(), s[sl].clone(), gr[..., sl].contiguous(), gi[..., sl].contiguous())
+        args = (vr, vi, wr, wi, *blk)
         for x, dim in zip(args, (1, 1, 0, 0, 0, 0, 1, 1), strict=True):
             torch._dynamo.maybe_mark_dynamic(x, dim)
         part = _compiled["cauchy_bwd"](*args)
@@ -392,6 +393,11 @@ def set_compile_mode(mode: str | None) -> None:
     _compile_mode = None if mode is None else mode.lower()
 
 
+def _mode() -> str:
+    """The compile mode in force: set_compile_mode's, else $SASHIMI_COMPILE's, else "auto"."""
+    return _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
+
+
 def disable_compile(reason: str) -> None:
     """Turn the compiled paths off for the rest of the process (after a failed compilation), with one warning."""
     global _compile_broken
@@ -408,7 +414,7 @@ def compile_enabled(elements: int | None = None, device: torch.device | str | No
     """
     if torch.compiler.is_compiling():  # inside a whole-model torch.compile (train.compile):
         return False  # it compiles the eager code itself; nested compiled calls are untraceable
-    mode = _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
+    mode = _mode()
     if mode in ("0", "never", "false") or _compile_broken or not hasattr(torch, "compile"):
         return False
     if mode in ("1", "always", "true"):
@@ -525,8 +531,7 @@ def _hint_eager(terms: int) -> None:
     SaShiMi trains at ~8 s per step (2 x 16,000 tokens) eagerly, ~2.4 s compiled."""
     global _hinted
     _hinted = True
-    mode = _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
-    if mode in ("0", "never", "false") or _compile_broken or torch.compiler.is_compiling():
+    if _mode() in ("0", "never", "false") or _compile_broken or torch.compiler.is_compiling():
         return  # asked for (or no compiler): nothing to suggest
     warnings.warn(
         f"S4 kernel with {terms:.2e} Cauchy terms runs eagerly; for long runs set train.s4_compile: "
