@@ -42,6 +42,7 @@ Three ways to evaluate it live here:
 short jobs (the demo DAG, tests) never win back. So by default (SASHIMI_COMPILE unset or "auto")
 only large problems (H * (L/2+1) * N/2 >= 2^22, e.g. H=64, L >= 4096) ON A GPU use the compiled
 path; SASHIMI_COMPILE=1 compiles always (long CPU training runs, `sashimi bench train`), 0 never.
+Under "auto", a kernel of >= 2^23 terms that runs eagerly warns once, naming the switch.
 """
 
 from __future__ import annotations
