@@ -260,32 +260,29 @@ def _cauchy_backward_compiled(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The compiled :func:`_cauchy_fused_backward`; on a CPU in blocks of at most _CPU_SUM_BLOCK
-    frequencies (the sums over K are additive). Shapes as there.
+    frequencies. Shapes as there.
 
     Inductor's C++ code sums a float reduction longer than 4096 through a "cascade" helper, for
     accuracy over very long sums; here each of the 16 lanes sums only K/16 terms, and the helper
     (10 accumulators kept in memory) slowed the whole backward by about a third: 12.4-14.7 against
     16.6-20.9 ms at H=64, L=16,000 (2 cores, same process). Blocks of <= 4096 get plain registers.
-    (The blocks are copied: slices would compile more graphs, for their strides and offsets.)
     """
-    K = c.shape[0]
-    step = K if c.device.type != "cpu" else -(-K // -(-K // _CPU_SUM_BLOCK))  # near-equal blocks
-    out = None
-    for k0 in range(0, K, step):
-        sl = slice(k0, k0 + step)
-        blk = (c[sl].clone(), s[sl].clone(), gr[..., sl].contiguous(), gi[..., sl].contiguous())
-        args = (vr, vi, wr, wi, *blk)
+
+    def call(*args: Tensor) -> tuple[Tensor, ...]:
         for x, dim in zip(args, (1, 1, 0, 0, 0, 0, 1, 1), strict=True):
             torch._dynamo.maybe_mark_dynamic(x, dim)
-        part = _compiled["cauchy_bwd"](*args)
-        out = part if out is None else tuple(o.add_(p) for o, p in zip(out, part, strict=True))
-    return out
+        return _compiled["cauchy_bwd"](*args)
+
+    K = c.shape[0]
+    step = K if c.device.type != "cpu" else -(-K // -(-K // _CPU_SUM_BLOCK))  # near-equal blocks
+    # blocks copied: as slices (strides, offsets) they would compile more graphs
+    return _sum_over_frequency_blocks(call, step, vr, vi, wr, wi, c, s, gr, gi, copy=True)
 
 
 def _cauchy_backward_chunked(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_cauchy_fused_backward` evaluated eagerly, in chunks over K (the sums are additive).
+    """:func:`_cauchy_fused_backward` evaluated eagerly, in chunks over K.
 
     Its (H, N2, K_chunk) temporaries stay at _EAGER_BACKWARD_CHUNK_ELEMENTS each (1 MB in float32,
     so they mostly stay in cache: 0.35 s against 0.85 s with 4 MB chunks at H=64, L=16,000 on a
@@ -293,10 +290,24 @@ def _cauchy_backward_chunked(
     """
     H, N2 = wr.shape
     step = max(1, _EAGER_BACKWARD_CHUNK_ELEMENTS // max(1, H * N2))
+    return _sum_over_frequency_blocks(_cauchy_fused_backward, step, vr, vi, wr, wi, c, s, gr, gi)
+
+
+def _sum_over_frequency_blocks(
+    fn: Callable, step: int, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor,
+    c: Tensor, s: Tensor, gr: Tensor, gi: Tensor, copy: bool = False,
+) -> tuple[Tensor, ...]:
+    """sum over blocks of `step` frequencies of fn(vr, vi, wr, wi, c, s, gr, gi) restricted to the
+    block (the Cauchy gradients are sums over K). With `copy`, a block that is a proper slice is
+    passed as fresh contiguous tensors; a single block is passed as it is."""
+    K = c.shape[0]
     out = None
-    for k0 in range(0, c.shape[0], step):
+    for k0 in range(0, K, step):
         sl = slice(k0, k0 + step)
-        part = _cauchy_fused_backward(vr, vi, wr, wi, c[sl], s[sl], gr[..., sl], gi[..., sl])
+        blk = (c[sl], s[sl], gr[..., sl], gi[..., sl])
+        if copy and step < K:
+            blk = tuple(x.clone(memory_format=torch.contiguous_format) for x in blk)
+        part = fn(vr, vi, wr, wi, *blk)
         out = part if out is None else tuple(o.add_(p) for o, p in zip(out, part, strict=True))
     return out
 
