@@ -58,7 +58,7 @@ def _direct_nll_bits(
 
 @pytest.mark.parametrize("chunk_length", [None, 128])
 def test_nll_equals_direct_computation(workdir, chunk_length):
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     ds = {
         "tiny": {
@@ -185,7 +185,7 @@ def test_params_and_budget_are_written_without_nll(workdir, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_sc09", lambda *a, **k: {"fid": 1.0})
     assert cli("evaluate", "--run", "dw", "--metrics", "sc09") == 0
     m = json.loads((workdir / "results/runs/dw/metrics.json").read_text())
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     net, _ = load_model(workdir / "results/runs/dw")
     assert m["params"] == sum(p.numel() for p in net.parameters())

@@ -163,7 +163,7 @@ def test_bf16_training_steps_reduce_the_loss_on_cuda(compiled):
     """The trainer's (fused) AdamW under bf16 autocast on a fixed batch, with the S4 kernel, norm
     and S4 tail eager or compiled: gradients finite, loss goes down."""
     from sashimi.config import TrainConfig
-    from sashimi.train import build_optimizer
+    from sashimi.optim import build_optimizer
 
     torch.manual_seed(3)
     m = build_model("sashimi", d_model=32, n_layers=2, glu=True).to(CUDA).train()

@@ -253,7 +253,7 @@ def workdir(tmp_path, monkeypatch):
 
 # ============================================================================ optimisation
 def test_param_groups_ssm_lr_and_no_decay():
-    from sashimi.train import build_optimizer, param_groups
+    from sashimi.optim import build_optimizer, param_groups
 
     model = TinyAR()
     groups = {g["name"]: g for g in param_groups(model, lr=3e-3, weight_decay=0.1, ssm_lr=1e-3)}
@@ -280,7 +280,7 @@ def test_param_groups_ssm_lr_and_no_decay():
 
 
 def test_ssm_param_names_match_kernel_modules_only():
-    from sashimi.train import is_ssm_param
+    from sashimi.optim import is_ssm_param
 
     assert is_ssm_param("c_layers.0.layer.kernel.log_dt")
     assert is_ssm_param("layers.3.kernel.P") and is_ssm_param("x.kernel.A_imag")
@@ -289,7 +289,7 @@ def test_ssm_param_names_match_kernel_modules_only():
 
 def test_schedulers_plateau_cosine_constant():
     from sashimi.config import TrainConfig
-    from sashimi.train import build_scheduler
+    from sashimi.optim import build_scheduler
 
     def opt():
         return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0)
@@ -326,7 +326,8 @@ def test_schedulers_plateau_cosine_constant():
 
 
 def test_epoch_batches_are_a_function_of_seed_and_epoch():
-    from sashimi.train import Dist, epoch_batches, shard
+    from sashimi.distributed import Dist, shard
+    from sashimi.train import epoch_batches
 
     a, b = epoch_batches(10, 4, 0, 3), epoch_batches(10, 4, 0, 3)
     assert len(a) == 2 and all((x == y).all() for x, y in zip(a, b))
@@ -338,7 +339,7 @@ def test_epoch_batches_are_a_function_of_seed_and_epoch():
 
 # ============================================================================ training runs
 def test_train_writes_log_config_and_checkpoints(workdir):
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 30, "val_every": 10})})
     assert cli("train", "--run", "tiny") == 0
@@ -539,7 +540,7 @@ def test_tbptt_steps_per_window_and_carried_state(workdir, monkeypatch):
 
 
 def test_missing_checkpoint_error_names_the_path(workdir, capsys):
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     with pytest.raises(UserError, match=r"nope\.pt: checkpoint not found"):
         load_model(workdir / "nope.pt")
@@ -549,7 +550,7 @@ def test_missing_checkpoint_error_names_the_path(workdir, capsys):
 
 
 def test_imported_checkpoint_is_accepted(workdir):
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     m = TinyAR(d_model=8)
     d = workdir / "results/runs/imp/checkpoints"

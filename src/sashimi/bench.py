@@ -153,7 +153,7 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
     )  # (B, ctx + L)
     y = torch.randint(0, 256, (args.batch, args.length), generator=g).to(device)  # (B, L)
     from sashimi.config import TrainConfig
-    from sashimi.train import build_optimizer
+    from sashimi.optim import build_optimizer
 
     opt = build_optimizer(model, TrainConfig())  # what `sashimi train` uses: AdamW, fused
     model.train()

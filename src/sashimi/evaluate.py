@@ -95,7 +95,7 @@ def nll_bits(
     from tqdm import tqdm
 
     from sashimi.data.datasets import collate_autoregressive
-    from sashimi.train import length_multiple, pad_to_multiple
+    from sashimi.batching import length_multiple, pad_to_multiple
 
     model.eval()
     multiple = length_multiple(model)
@@ -141,7 +141,7 @@ def evaluate_nll(
 ) -> dict[str, Any]:
     """Test NLL of the run's checkpoint (`loaded`: a (model, ckpt) already read by load_model)."""
     from sashimi.data.datasets import AutoregressiveDataset, load_split
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     model, ckpt = loaded or load_model(checkpoint or run.run_dir, map_location=device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -323,7 +323,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sashimi.config import load_params
     from sashimi.data.datasets import canonical_split
-    from sashimi.train import pick_device
+    from sashimi.distributed import pick_device
 
     P = load_params(args.params)
     device = pick_device(args.device)
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
         and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
     )
     from sashimi.tracking import Tracker
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     model, ckpt = load_model(args.checkpoint or run_cfg.run_dir, map_location=device)
     # MLflow (its own worker process) starts now and logs while we evaluate

@@ -278,7 +278,7 @@ def sample_run(
     from tqdm import tqdm
 
     from sashimi.data.quantize import decode
-    from sashimi.train import load_model
+    from sashimi.checkpoints import load_model
 
     if n < 1 or batch_size < 1 or seconds <= 0:
         raise UserError(
@@ -537,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from sashimi.config import load_params
-    from sashimi.train import pick_device
+    from sashimi.distributed import pick_device
 
     P = load_params(args.params)
     run_cfg = P.run(args.run)

@@ -61,79 +61,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sashimi.batching import IGNORE_INDEX, crop, length_multiple, pad_to_multiple
+from sashimi.checkpoints import checkpoint_dir, load_checkpoint
+from sashimi.distributed import Dist, init_distributed, pick_device, shard
 from sashimi.errors import UserError
 from sashimi.io import atomic_write
+from sashimi.optim import build_optimizer, build_scheduler, is_plateau
 
-IGNORE_INDEX = -100
 LN2 = math.log(2.0)
-ZERO_TOKEN = 128
 CKPT_FORMAT = 1
 LOG_FIELDS = ("step", "split", "loss", "bits_per_sample", "lr", "tokens_per_s", "elapsed_s")
-# S4 kernel parameters (the state-space "SSM" parameters): ssm_lr, no weight decay. Matched by
-# the last component of the parameter name, for parameters that live under a `kernel.` module.
-SSM_PARAM_NAMES = frozenset({"inv_dt", "log_dt", "A_real", "log_A_real", "A_imag", "B", "P"})
 
 
 # ============================================================================ distributed
-@dataclasses.dataclass
-class Dist:
-    """Process-group facts; world 1 without torchrun. Collectives are no-ops on one process."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.enabled:
-            red = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
-            torch.distributed.all_reduce(t, op=red)
-        return t
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj` (a list of length world) on every rank."""
-        if not self.enabled:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, local_rank=local_rank)
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available on this machine")
-        return torch.device("cuda", local_rank)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
-
-
 # ============================================================================ data order
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The global batches of one epoch: a permutation seeded by (seed, epoch), cut into
@@ -145,131 +85,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     if n < batch_size:
         perm = np.resize(perm, batch_size)
     return [perm[i * batch_size : (i + 1) * batch_size] for i in range(len(perm) // batch_size)]
-
-
-def shard(batch: np.ndarray, dist: Dist) -> list[int]:
-    """This rank's interleaved share of a global batch."""
-    return batch[dist.rank :: dist.world].tolist()
-
-
-def length_multiple(model: nn.Module) -> int:
-    """Sequence lengths the model accepts are multiples of this (SampleRNN: its lookback)."""
-    m = getattr(model, "length_multiple", None) or getattr(model, "lookback", None) or 1
-    return int(m)
-
-
-def pad_to_multiple(
-    x: torch.Tensor, y: torch.Tensor, multiple: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad inputs with 128 and targets with IGNORE_INDEX to a multiple of `multiple`."""
-    pad = -y.shape[1] % multiple
-    if pad:
-        x = F.pad(x, (0, pad), value=ZERO_TOKEN)  # (B, context + L + pad)
-        y = F.pad(y, (0, pad), value=IGNORE_INDEX)  # (B, L + pad)
-    return x, y
-
-
-def crop(
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    context: int,
-    length: int,
-    rng: np.random.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A `length`-sample window (random start when rng is given, else the first). For AR pairs
-    x (B, context + L) / y (B, L) the window keeps x's `context` left tokens; for waveforms
-    pass y=None and context=0."""
-    L = x.shape[1] - context if y is None else y.shape[1]
-    if L <= length:
-        return x, y
-    s = int(rng.integers(0, L - length + 1)) if rng is not None else 0
-    x = x[:, s : s + context + length]
-    return x, (None if y is None else y[:, s : s + length])
-
-
-# ============================================================================ optimisation
-def is_ssm_param(name: str) -> bool:
-    parts = name.split(".")
-    return "kernel" in parts[:-1] and parts[-1] in SSM_PARAM_NAMES
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: float) -> list[dict]:
-    """Three groups (empty ones dropped): 'decay' (lr, weight_decay), 'no_decay' (ndim < 2:
-    norms, biases, scalars; lr, wd 0), 'ssm' (S4 kernel parameters; ssm_lr, wd 0). A parameter
-    with a `_optim` dict attribute (the S4 convention) gets its own group with those overrides."""
-    groups: dict[str, dict] = {
-        "decay": {"name": "decay", "params": [], "lr": lr, "weight_decay": weight_decay},
-        "no_decay": {"name": "no_decay", "params": [], "lr": lr, "weight_decay": 0.0},
-        "ssm": {"name": "ssm", "params": [], "lr": ssm_lr, "weight_decay": 0.0},
-    }
-    special: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        hp = getattr(p, "_optim", None)
-        if isinstance(hp, dict) and hp:
-            key = tuple(sorted(hp.items()))
-            g = special.setdefault(
-                key,
-                {
-                    "name": "optim:" + ",".join(f"{k}={v}" for k, v in key),
-                    "params": [],
-                    "lr": lr,
-                    "weight_decay": weight_decay,
-                    **hp,
-                },
-            )
-            g["params"].append(p)
-        elif is_ssm_param(name):
-            groups["ssm"]["params"].append(p)
-        elif p.ndim < 2:
-            groups["no_decay"]["params"].append(p)
-        else:
-            groups["decay"]["params"].append(p)
-    return [g for g in [*groups.values(), *special.values()] if g["params"]]
-
-
-def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
-    """The optimizer over `param_groups`. Adam(W) runs fused (one kernel for all parameters
-    instead of ~10 small ones per parameter: in a ~2.4 s CPU step of the SC09 SaShiMi the
-    per-parameter loop took 25-33 ms, the fused update 8 ms) when every parameter is a float
-    tensor on a CPU or CUDA device; same update, to float rounding."""
-    groups = param_groups(model, tc.lr, tc.weight_decay, tc.ssm_lr)
-    params = [p for g in groups for p in g["params"]]
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
-    if tc.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
-    if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    raise UserError(f"train.optimizer: {tc.optimizer!r} is not one of adamw, adam, sgd")
-
-
-def build_scheduler(opt: torch.optim.Optimizer, tc, where: str = "train"):
-    """plateau: stepped with the validation loss; cosine / constant: stepped every step."""
-    if tc.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=tc.factor, patience=tc.patience
-        )
-    if tc.scheduler == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    if tc.scheduler == "cosine":
-        if not tc.max_steps:
-            raise UserError(f"{where}.max_steps: the cosine schedule needs max_steps")
-        total, warm = int(tc.max_steps), int(tc.warmup_steps)
-
-        def cosine(s: int) -> float:  # s = optimiser steps taken so far
-            if s < warm:
-                return (s + 1) / warm
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    raise UserError(f"{where}.scheduler: {tc.scheduler!r} is not one of plateau, cosine, constant")
-
-
-def is_plateau(sched) -> bool:
-    return isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 # ============================================================================ RNG state
@@ -304,70 +119,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ============================================================================ checkpoints
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run dir (-> checkpoints/best.pt, else last.pt, else imported.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        for name in ("best.pt", "last.pt", "imported.pt"):
-            if (d / name).is_file():
-                return d / name
-        raise UserError(
-            f"{d}: no checkpoint found (best.pt, last.pt or imported.pt); train the run first"
-        )
-    if not p.is_file():
-        raise UserError(f"{p}: checkpoint not found")
-    return p
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load a checkpoint file (weights_only; falls back to full unpickling for foreign files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e:
-            raise UserError(
-                f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]})"
-            ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
-        raise UserError(f"{path}: not a sashimi checkpoint (needs 'model' and 'model_name')")
-    return ckpt
-
-
-def load_model(
-    path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict]:
-    """(model in eval mode, checkpoint dict) from a checkpoint file or a run dir (best.pt, else
-    last.pt, else imported.pt). `ckpt["path"]` is set to the file that was read."""
-    from sashimi.models import build_model
-
-    path = resolve_checkpoint(path_or_run_dir)
-    ckpt = load_checkpoint(path, map_location)
-    model = build_model(ckpt["model_name"], **dict(ckpt.get("model_kwargs") or {}))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(
-            f"{path}: weights do not fit model {ckpt['model_name']!r} "
-            f"({str(e).splitlines()[0][:200]})"
-        ) from None
-    model.to(map_location).eval()
-    ckpt["path"] = str(path)
-    ckpt.setdefault("kind", getattr(model, "kind", "ar"))
-    ckpt.setdefault("step", 0)
-    return model, ckpt
 
 
 def _norm(v: Any) -> Any:
