@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import socket
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sashimi.data import download as D
+from sashimi.data import release as R
 from sashimi.errors import UserError
 
 
@@ -58,6 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
+        for key, value in srv.headers.get(self.path, {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = srv.cuts.pop(0) if srv.cuts else None
@@ -74,6 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.files, srv.status, srv.cuts, srv.requests, srv.ignore_range = {}, {}, [], [], False
+    srv.headers = {}  # path -> extra response headers
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
@@ -373,3 +378,194 @@ def test_recover_dir_after_interrupted_replace(tmp_path):
     (new / "n.txt").write_text("new")
     D.replace_dir(new, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (target / "n.txt").exists()
+
+
+# ----------------------------------------------------------------------------- hosted names
+
+
+def test_hosted_archive_names():
+    """The file names on the authors' dataset repos (their README: unzip `<dataset>.zip`)."""
+    assert D.DATASETS["youtubemix"].url.endswith(
+        "/krandiash/youtubemix/resolve/main/youtube_mix.zip"
+    )
+    assert D.DATASETS["beethoven"].url.endswith("/krandiash/beethoven/resolve/main/beethoven.zip")
+    assert D.DATASETS["sc09"].filename == "sc09.zip"
+
+
+def test_unknown_size_and_checksum_said_in_one_line(server, monkeypatch, tmp_path, capsys):
+    data = _zip(FILES, top="beethoven/")
+    _register(monkeypatch, server, "beethoven", "beethoven.zip", data, size=None, sha=None)
+    out = D.download("beethoven", tmp_path / "beethoven", progress=False)
+    assert _tree(out) == FILES
+    notes = [line for line in capsys.readouterr().out.splitlines() if "not verified" in line]
+    assert notes == [
+        "beethoven.zip: size and sha256 unknown (not recorded for this file): "
+        "the download is not verified"
+    ]
+    _register(monkeypatch, server, "toy", "toy.zip", data)  # both known: no such line
+    D.download("toy", tmp_path / "toy", progress=False)
+    assert "not recorded" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- release files
+
+TREE = "/api/models/krandiash/sashimi-release/tree/main/"
+RESOLVE = "/krandiash/sashimi-release/resolve/main/"
+
+
+def _listing(server, folder: str, files: dict[str, bytes], *, lfs=True, pages=1, bad_sha=()):
+    """Serve `files` (repo path -> bytes) and the hub's tree listing of `folder`, in `pages` pages."""
+    items = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": folder}]
+    for path, data in files.items():
+        server.files[RESOLVE + path] = data
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        item = {"type": "file", "oid": blob, "size": len(data), "path": path}
+        if lfs:
+            sha = "f" * 64 if path in bad_sha else hashlib.sha256(data).hexdigest()
+            item["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+        items.append(item)
+    url = f"{TREE}{folder.replace('/', '%2F')}?recursive=true"
+    step = -(-len(items) // pages)
+    for k in range(pages):
+        page = url if k == 0 else f"{url}&cursor={k}"
+        server.files[page] = json.dumps(items[k * step : (k + 1) * step]).encode()
+        if k + 1 < pages:
+            nxt = f"https://huggingface.co{url}&cursor={k + 1}"  # the hub names itself
+            server.headers[page] = {"Link": f'<{nxt}>; rel="next"'}
+
+
+@pytest.fixture
+def hub(server, monkeypatch, tmp_path):
+    """The local server as the Hugging Face endpoint, with a token that only it should see."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setattr(D, "BACKOFF_S", 0.0)
+    return server
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_release_classifier_only_the_checkpoint(hub, monkeypatch, tmp_path):
+    weights = b"PK\x03\x04 not really a pickle" * 500
+    cache = {"sc09_classifier/cache/train_probs.npy": b"\x93NUMPY" + b"0" * 100}
+    _listing(hub, "sc09_classifier", {"sc09_classifier/resnext.pth": weights, **cache})
+    monkeypatch.setenv("HF_TOKEN", "hf_release")
+    root = R.download_release("release-classifier", tmp_path / "release", progress=False)
+    assert _files(root) == {"sc09_classifier/resnext.pth": weights}  # the cache is not fetched
+    assert not (root / ".downloads").exists()
+    record = json.loads((root / ".sashimi-release-classifier.json").read_text())
+    assert record["repo"] == "krandiash/sashimi-release"
+    assert [f["path"] for f in record["files"]] == ["sc09_classifier/resnext.pth"]
+    assert record["files"][0]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert {r["auth"] for r in hub.requests} == {"Bearer hf_release"}  # HF_ENDPOINT was named
+    n = len(hub.requests)
+    R.download_release("release-classifier", root, progress=False)
+    assert [r["path"] for r in hub.requests[n:]] == [f"{TREE}sc09_classifier?recursive=true"]
+
+
+def test_release_samples_folders_zips_and_pages(hub, tmp_path):
+    wavs = {f"samples/sc09/sashimi/{i}.wav": b"RIFF" + bytes([i]) * (300 + i) for i in range(5)}
+    wavs["samples/sc09/sashimi/README.txt"] = b"not a clip"
+    clips = {"0.wav": b"RIFFa" * 50, "1.wav": b"RIFFb" * 60}
+    zipped = _zip(clips, top="samples/sc09/2048-diffwave-500k/")  # nested: flattened to the clips
+    files = {
+        **wavs,
+        "samples/sc09/2048-diffwave-500k.zip": zipped,
+        "samples/sc09/sashimi.zip": _zip({"other.wav": b"x"}),  # also listed unzipped: skipped
+    }
+    _listing(hub, "samples/sc09", files, lfs=False, pages=3)
+    root = R.download_release("release-samples-sc09", tmp_path / "release", progress=False)
+    got = _files(root)
+    assert got.pop("samples/sc09/2048-diffwave-500k/0.wav") == b"RIFFa" * 50
+    assert got.pop("samples/sc09/2048-diffwave-500k/1.wav") == b"RIFFb" * 60
+    wavs.pop("samples/sc09/sashimi/README.txt")
+    assert got == wavs
+    assert not (root / "samples/sc09/2048-diffwave-500k.zip").exists()
+    pages = [r["path"] for r in hub.requests if r["path"].startswith(TREE)]
+    assert len(pages) == 3
+    assert RESOLVE + "samples/sc09/sashimi.zip" not in [r["path"] for r in hub.requests]
+
+
+def test_release_only_selects_models_through_the_cli(hub, tmp_path, capsys):
+    from sashimi.cli import main
+
+    files = {
+        "samples/sc09/sashimi/0.wav": b"s" * 100,
+        "samples/sc09/wavenet/0.wav": b"w" * 100,
+    }
+    _listing(hub, "samples/sc09", files)
+    out = tmp_path / "release"
+    args = ["download", "--dataset", "release-samples-sc09", "--out", str(out)]
+    assert main([*args, "--only", "sashimi"]) == 0
+    assert _files(out) == {"samples/sc09/sashimi/0.wav": b"s" * 100}
+    assert main([*args, "--only", "diffwave"]) == 2
+    err = capsys.readouterr().err
+    assert "--only diffwave: not in release-samples-sc09; choose from sashimi, wavenet" in err
+    assert main([*args, "--url", "http://127.0.0.1:9/x.zip"]) == 2
+
+
+def test_release_checkpoints_of_the_paper_models(hub, tmp_path):
+    files = {
+        "checkpoints/sashimi_sc09.pt": b"a" * 64,
+        "checkpoints/sashimi_sc09_unet.pt": b"b" * 64,
+        "checkpoints/wavenet_youtubemix.pt": b"c" * 64,
+        "checkpoints/samplernn_sc09.pt": b"d" * 64,
+        "checkpoints/s4-wt103.pt": b"e" * 64,  # not an audio model of the paper
+    }
+    _listing(hub, "checkpoints", files)
+    root = R.download_release("release-checkpoints", tmp_path / "r", progress=False)
+    assert sorted(_files(root)) == sorted(p for p in files if "wt103" not in p)
+
+
+def test_release_truncated_file_then_resume(hub, tmp_path):
+    data = bytes(range(256)) * 64
+    _listing(hub, "checkpoints", {"checkpoints/sashimi_youtubemix.pt": data})
+    hub.cuts = [None, 5000]  # the listing whole, then the file cut
+    with pytest.raises(UserError) as e:
+        R.download_release("release-checkpoints", tmp_path / "r", retries=0, progress=False)
+    msg = str(e.value)
+    assert "checkpoints/sashimi_youtubemix.pt: download interrupted after 5,000 bytes" in msg
+    assert "run the same command again to resume" in msg and "\n" not in msg
+    assert not (tmp_path / "r/checkpoints/sashimi_youtubemix.pt").exists()
+    part = tmp_path / "r/.downloads/checkpoints/sashimi_youtubemix.pt.part"
+    assert part.stat().st_size == 5000
+    R.download_release("release-checkpoints", tmp_path / "r", retries=0, progress=False)
+    assert (tmp_path / "r/checkpoints/sashimi_youtubemix.pt").read_bytes() == data
+    assert hub.requests[-1]["range"] == "bytes=5000-"
+    assert not (tmp_path / "r/.downloads").exists()
+
+
+@pytest.mark.parametrize("lfs", [True, False])
+def test_release_checksum_mismatch_leaves_nothing(hub, tmp_path, lfs):
+    path = "sc09_classifier/resnext.pth"
+    _listing(hub, "sc09_classifier", {path: b"x" * 1000}, lfs=lfs, bad_sha=(path,))
+    if not lfs:  # a git-stored file: its blob id is what is checked
+        hub.files[RESOLVE + path] = b"y" * 1000
+    with pytest.raises(UserError, match="sha256 mismatch" if lfs else "git blob id mismatch"):
+        R.download_release("release-classifier", tmp_path / "r", progress=False)
+    assert _files(tmp_path / "r") == {}
+
+
+def test_release_listing_errors(hub, tmp_path):
+    with pytest.raises(UserError, match=r"tree/main/checkpoints\?recursive=true: HTTP 404"):
+        R.download_release("release-checkpoints", tmp_path / "r", progress=False)
+    hub.status[f"{TREE}checkpoints?recursive=true"] = 401
+    with pytest.raises(UserError, match=r"no Hugging Face token found\); set HF_TOKEN"):
+        R.download_release("release-checkpoints", tmp_path / "r", progress=False)
+    hub.status.clear()
+    evil = [{"type": "file", "oid": "0" * 40, "size": 4, "path": "checkpoints/../../evil.pt"}]
+    hub.files[f"{TREE}checkpoints?recursive=true"] = json.dumps(evil).encode()
+    with pytest.raises(UserError, match="refusing listed path 'checkpoints/../../evil.pt'"):
+        R.download_release("release-checkpoints", tmp_path / "r", progress=False)
+    _listing(hub, "checkpoints", {"checkpoints/s4-wt103.pt": b"e"})
+    with pytest.raises(UserError, match="no files match"):
+        R.download_release("release-checkpoints", tmp_path / "r", progress=False)
+    assert not list(tmp_path.rglob("*.pt"))

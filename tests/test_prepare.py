@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+import re
 import shutil
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from sashimi.data import download as D
 from sashimi.data import prepare as P
 from sashimi.errors import UserError
 
@@ -294,3 +302,109 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="george.wav: not an FSDD file name"):
         P.prepare("fsdd", tmp_path / "fsdd", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- hosted archives
+
+
+def _music_zip(path: Path, top: str, names: list[str], *, extra: dict[str, bytes] | None = None):
+    """A zip laid out like the authors' archives: clip k of `names` holds the constant (k+1)/512."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, name in enumerate(names):
+            buf = io.BytesIO()
+            sf.write(buf, np.full(32, (k + 1) / 512, np.float32), SR, format="WAV")
+            zf.writestr(top + name, buf.getvalue())
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+
+
+@contextlib.contextmanager
+def _serve(folder: Path):
+    """A plain HTTP server on 127.0.0.1 serving `folder`."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _official_split(names: list[str], train: float = 0.88) -> dict[str, list[str]]:
+    """The official loader's rule: natural sort, then [0, a) / [a, b) / [b, n) by ratio."""
+    files = sorted(names, key=lambda s: int(re.sub(r"\D", "", s)))
+    n = len(files)
+    a, b = int(train * n), int((train + (1 - train) / 2) * n)
+    return {"train": files[:a], "validation": files[a:b], "test": files[b:]}
+
+
+def _check_prepared(out: Path, names: list[str], counts: dict[str, int]) -> None:
+    """Split names as the official loader makes them, with each clip's own audio."""
+    expect = _official_split(names)
+    assert {s: len(v) for s, v in expect.items()} == counts
+    for split in P.SPLITS:
+        assert (out / f"{split}.names.txt").read_text().splitlines() == expect[split]
+        audio = np.load(out / f"{split}.audio.npy")
+        offsets = np.load(out / f"{split}.offsets.npy")
+        for j, name in enumerate(expect[split]):
+            clip = audio[offsets[j] : offsets[j + 1]]
+            assert np.array_equal(clip, np.full(32, (names.index(name) + 1) / 512, np.float32))
+
+
+YTM = [f"out{i:03d}.wav" for i in range(241)]
+
+
+@pytest.mark.parametrize("layout", ["official", "with-macos-forks", "with-readme", "no-top-folder"])
+def test_youtubemix_archive_layouts_download_and_prepare(tmp_path, monkeypatch, layout):
+    hosted = tmp_path / "hosted"
+    hosted.mkdir()
+    top = "" if layout == "no-top-folder" else "youtube_mix/"
+    extra = {
+        "with-macos-forks": {f"__MACOSX/youtube_mix/._{n}": b"\0\5\26\7" for n in YTM[:3]},
+        "with-readme": {"README.md": b"YouTubeMix"},
+    }.get(layout)
+    _music_zip(hosted / "youtube_mix.zip", top, YTM[::-1], extra=extra)  # archive order: any
+    raw = tmp_path / "data" / "raw" / "youtubemix"
+    with _serve(hosted) as base:
+        monkeypatch.setenv("SASHIMI_DOWNLOAD_BASE_URL", base)
+        D.download("youtubemix", raw, progress=False)
+    m = P.prepare("youtubemix", raw, tmp_path / "prepared", progress=False)
+    assert Path(m["source"]).name == ("youtube_mix" if layout == "with-readme" else "youtubemix")
+    names = YTM[::-1]
+    _check_prepared(tmp_path / "prepared", names, {"train": 212, "validation": 14, "test": 15})
+
+
+def test_beethoven_archive_downloads_and_splits_in_natural_order(tmp_path, monkeypatch, capsys):
+    hosted = tmp_path / "hosted"
+    hosted.mkdir()
+    names = [f"{i}.wav" for i in range(50)]  # 10.wav sorts before 2.wav as text, not here
+    _music_zip(hosted / "beethoven.zip", "beethoven/", sorted(names))
+    raw = tmp_path / "raw" / "beethoven"
+    with _serve(hosted) as base:
+        monkeypatch.setenv("SASHIMI_DOWNLOAD_BASE_URL", base)
+        D.download("beethoven", raw, progress=False)
+    m = P.prepare("beethoven", raw, tmp_path / "prepared", progress=False)
+    assert "50 files, Beethoven has 4328" in capsys.readouterr().err
+    assert m["splits"]["test"]["clips"] == 3
+    _check_prepared(tmp_path / "prepared", sorted(names), {"train": 44, "validation": 3, "test": 3})
+
+
+def test_official_data_folder_unzipped_by_hand(tmp_path):
+    """The authors' README: unzip each `<dataset>.zip` inside one `data/` folder."""
+    data = tmp_path / "data"
+    for archive, top, names in (("b.zip", "beethoven/", [f"{i}.wav" for i in range(30)]),
+                                ("y.zip", "youtube_mix/", YTM[:30])):  # fmt: skip
+        _music_zip(tmp_path / archive, top, names)
+        with zipfile.ZipFile(tmp_path / archive) as zf:
+            zf.extractall(data)
+    b = P.prepare("beethoven", data, tmp_path / "b", progress=False)
+    y = P.prepare("youtubemix", data, tmp_path / "y", progress=False)
+    assert Path(b["source"]) == data / "beethoven" and Path(y["source"]) == data / "youtube_mix"
+    assert b["splits"]["train"]["clips"] == y["splits"]["train"]["clips"] == 26

@@ -7,7 +7,8 @@ land outside the target are refused, for tar and zip alike). Standard library on
 
 Archives are kept in `<out>/../.archives/` until extraction succeeds (then deleted unless
 `--keep-archive`). `SASHIMI_DOWNLOAD_BASE_URL` points every dataset at a mirror
-(`<base>/<archive file name>`), e.g. a local server in tests.
+(`<base>/<archive file name>`), e.g. a local server in tests. `--dataset release-*`
+fetches the authors' release files instead (sashimi.data.release).
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ class Source:
         return PurePosixPath(urllib.parse.urlparse(self.url).path).name
 
 
-# Edit here (or pass --url / --sha256) if an archive moves.
+# Edit here (or pass --url / --sha256) if an archive moves. The authors' music archives
+# unzip to the folders their dataset configs name (`beethoven/0.wav ...`,
+# `youtube_mix/out000.wav ...`); a single top folder is flattened away on extraction.
+# Their sizes and checksums are not published anywhere we could read: not recorded.
 DATASETS: dict[str, Source] = {
     "beethoven": Source(f"{HF}/beethoven/resolve/main/beethoven.zip", gated=True),
-    "youtubemix": Source(f"{HF}/youtubemix/resolve/main/youtubemix.zip", gated=True),
+    "youtubemix": Source(f"{HF}/youtubemix/resolve/main/youtube_mix.zip", gated=True),
     # Pinned revision; size and sha256 as recorded for that revision by another public
     # SC09 pipeline (not re-measured by us: pass --url .../resolve/main/sc09.zip to skip).
     "sc09": Source(
@@ -63,6 +67,7 @@ DATASETS: dict[str, Source] = {
         size=893_855_183,
         sha256="ca0cff7168708fe3e1d2d6fd8ac7b0c26e4c574143ea708951e19ed6a58f7792",
     ),
+    # Speech Commands: sha256 as published by torchaudio and TensorFlow Datasets.
     "speech-commands-v2": Source(
         "https://storage.googleapis.com/download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
         size=2_428_923_189,
@@ -454,6 +459,17 @@ def resolve_source(name: str, url: str | None = None, sha256: str | None = None)
     return src
 
 
+def unverified_note(src: Source) -> str:
+    """One line on what cannot be checked for `src` ('' when size and sha256 are both known)."""
+    if src.size is None and src.sha256 is None:
+        return "size and sha256 unknown (not recorded for this file): the download is not verified"
+    if src.sha256 is None:
+        return "sha256 unknown (not recorded for this file): only the size is verified"
+    if src.size is None:
+        return "size unknown (not recorded for this file): only the sha256 is verified"
+    return ""
+
+
 def download(
     name: str,
     out: str | os.PathLike | None = None,
@@ -485,6 +501,8 @@ def download(
                 archive.unlink()
         host = urllib.parse.urlparse(src.url).hostname or ""
         token = hf_token() if host == "huggingface.co" or host.endswith(".huggingface.co") else None
+        if unverified := unverified_note(src):
+            print(f"{src.filename}: {unverified}")
         fetch(
             src.url,
             archive,
@@ -526,11 +544,25 @@ def download(
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from sashimi.data.release import RELEASES
+
     p.add_argument(
-        "--dataset", required=True, choices=sorted(DATASETS), help="dataset archive to fetch"
+        "--dataset",
+        required=True,
+        choices=[*sorted(DATASETS), *RELEASES],
+        help="dataset archive to fetch, or release-*: the authors' release files",
     )
     p.add_argument(
-        "--out", default=None, help="folder to extract into (default data/raw/<dataset>)"
+        "--out",
+        default=None,
+        help="folder to extract into (default data/raw/<dataset>; release-*: data/raw/release)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="release-*: only this model's files (e.g. sashimi, sashimi_sc09); repeatable",
     )
     p.add_argument(
         "--url",
@@ -546,6 +578,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dataset.startswith("release-"):
+        from sashimi.data.release import download_release
+
+        if args.url or args.sha256 or args.keep_archive or args.force:
+            raise UserError(
+                f"--dataset {args.dataset}: --url/--sha256/--keep-archive/--force are for "
+                "dataset archives (set HF_ENDPOINT for a mirror; delete a file to fetch it again)"
+            )
+        download_release(args.dataset, args.out, only=tuple(args.only), retries=args.retries)
+        return 0
+    if args.only:
+        raise UserError(f"--only applies to release-* downloads, not --dataset {args.dataset}")
     download(
         args.dataset,
         args.out,

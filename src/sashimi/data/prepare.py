@@ -159,7 +159,11 @@ def plan_sc09(source: Path) -> Plan:
 
 
 def plan_beethoven(source: Path) -> Plan:
-    """Files 0.wav .. 4327.wav, natural sort, paper split 88/6/6 (3808 / 260 / 260)."""
+    """Files 0.wav .. 4327.wav, natural sort, paper split 88/6/6 (3808 / 260 / 260).
+
+    The folder holding 0.wav is found up to 3 levels down: `beethoven.zip` unzips to
+    `beethoven/`, the folder the official config names.
+    """
     root = _find_root(source, lambda d: (d / "0.wav").is_file(), "Beethoven clips (0.wav ...)")
     files = sorted(_audio_files(root), key=lambda p: natural_key(p.name))
     if len(files) != BEETHOVEN_FILES:
@@ -170,7 +174,11 @@ def plan_beethoven(source: Path) -> Plan:
 
 
 def plan_youtubemix(source: Path) -> Plan:
-    """Files out000.wav .. out240.wav, natural sort, first 88% train / 6% validation / rest test."""
+    """Files out000.wav .. out240.wav, natural sort, first 88% train / 6% validation / rest test.
+
+    The folder holding out000.wav is found up to 3 levels down: `youtube_mix.zip` unzips to
+    `youtube_mix/`, the folder the official config names.
+    """
     root = _find_root(
         source, lambda d: (d / "out000.wav").is_file(), "YouTubeMix clips (out000.wav ...)"
     )
