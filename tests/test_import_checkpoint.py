@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -264,3 +265,111 @@ def test_cli_config_from_run(fx, tmp_path, capsys, monkeypatch):
         tmp_path / "results/runs/sashimi-sc09/checkpoints/imported.pt", weights_only=True
     )
     assert ck["config"]["key"] == "sashimi-sc09" and ck["model_kwargs"]["dropout"] == 0.0
+
+
+# ----------------------------------------------------------------------------- released kinds
+# Each fixture is saved in the format its release uses, imported through the CLI into a run of
+# a temporary params.yaml, checked against the official outputs, then sampled and evaluated.
+
+_RUNS = {  # run key -> (kind, model block, fixture file)
+    "sashimi": ("ar", dict(name="sashimi", d_model=16, n_layers=2, pool=[4, 4], expand=2,
+                           ff=2, glu=True), "sashimi_small.pt"),
+    "wavenet": ("ar", dict(name="wavenet", layers=3, blocks=2, residual_channels=8,
+                           dilation_channels=8, skip_channels=16, end_channels=16),
+                "wavenet_small.pt"),
+    "samplernn": ("ar", dict(name="samplernn", frame_sizes=[4, 2], n_rnn=1, d_hidden=32,
+                             d_model=16), "samplernn_small.pt"),
+    "dw-wavenet": ("diffusion", dict(name="diffwave", backbone="wavenet", res_channels=8,
+                                     skip_channels=8, num_res_layers=4, dilation_cycle=2),
+                   "diffwave_small.pt"),
+    "dw-sashimi": ("diffusion", dict(name="diffwave", backbone="sashimi", d_model=8,
+                                     n_layers=2, pool=[4, 4], expand=2, ff=2), "diffwave_small.pt"),
+}  # fmt: skip
+
+
+def _lightning_ckpt(path, sd: dict, model_cfg: dict) -> None:
+    """A Lightning-style .ckpt as the s4 repo writes it: hyper_parameters is an omegaconf DictConfig."""
+    omegaconf = pytest.importorskip("omegaconf")
+    hp = omegaconf.OmegaConf.create({"model": model_cfg, "trainer": {"max_epochs": 1}})
+    torch.save({"state_dict": sd, "hyper_parameters": hp, "hparams_type": type(hp),
+                "epoch": 1, "global_step": 5, "pytorch-lightning_version": "1.5.10"}, path)  # fmt: skip
+
+
+def _release_file(tmp_path, key: str, fx: dict):
+    """(path of the fixture in its release format, official outputs to compare with)."""
+    if key.startswith("dw-"):  # diffwave-sashimi train.py: {model_state_dict, optimizer_state_dict}
+        b = key[3:]
+        src = tmp_path / f"{b}_1000.pkl"
+        opt = {"state": {}, "param_groups": [{"lr": 2e-4, "params": [0]}]}
+        torch.save(
+            {"model_state_dict": _sd(fx, f"{b}.state_dict."), "optimizer_state_dict": opt}, src
+        )
+        return src, (
+            fx[f"{b}.x_t"],
+            fx[f"{b}.diffusion_steps"].flatten(),
+            fx[f"{b}.eps_theta_fp32"],
+        )
+    src = tmp_path / f"{key}.ckpt"
+    model_cfg = {"_name_": key} | {k: v for k, v in _RUNS[key][1].items() if k != "name"}
+    _lightning_ckpt(src, _sd(fx), model_cfg)
+    if key == "wavenet":
+        return src, (fx["wavenet_x"], fx["wavenet_logits_conv_fp32"])
+    if key == "samplernn":
+        return src, (fx["samplernn_x"], fx["samplernn_logits_conv_fp32"])
+    return src, (fx["x"], fx["logits_conv_fp32"])
+
+
+@pytest.mark.parametrize("key", list(_RUNS))
+def test_released_kind_imports_samples_and_evaluates(key, fixtures_dir, tmp_path, monkeypatch):
+    from sashimi.checkpoints import load_model
+    from test_train import cli, setup_workdir, write_params
+
+    kind, model, fname = _RUNS[key]
+    fx = torch.load(fixtures_dir / fname, weights_only=True)
+    src, (*inputs, expected) = _release_file(tmp_path, key, fx)
+    (tmp_path / "work").mkdir()
+    work = setup_workdir(tmp_path / "work", monkeypatch)
+    sample = {"sampler": "fast", "fast_steps": 2}
+    write_params(work, {key: {"kind": kind, "dataset": "tiny", "model": model, "sample": sample}})
+    # the released classifier, imported too: scores the diffusion samples below
+    clf_src = tmp_path / "resnext.pth"
+    clf_src.write_bytes(torch.load(fixtures_dir / "sc09_classifier_official.pt",
+                                   weights_only=True)["pickled_wrapped_bytes"].numpy().tobytes())  # fmt: skip
+    assert cli("import-checkpoint", "--src", str(clf_src), "--out", "clf.pt") == 0
+
+    assert cli("import-checkpoint", "--src", str(src), "--config-from-run", key) == 0
+    m, ck = load_model(work / "results/runs" / key)
+    assert ck["path"].endswith("imported.pt") and ck["kind"] == kind
+    with torch.no_grad():
+        assert _err(m(*inputs), expected) < 1e-4  # the official outputs, through the import
+    n = "4"
+    assert cli("sample", "--run", key, "--n", n, "--seconds", "0.01", "--batch-size", "4") == 0
+    assert len(list((work / "results/runs" / key / "samples").glob("*.wav"))) == 4
+    metrics = "nll" if kind == "ar" else "sc09"
+    assert cli("evaluate", "--run", key, "--metrics", metrics, "--classifier", "clf.pt") == 0
+    res = json.loads((work / "results/runs" / key / "metrics.json").read_text())
+    if kind == "ar":
+        assert math.isfinite(res["nll_bits"]) and 0 < res["nll_bits"] < 12
+    else:
+        assert res["n_scored"] == 4 and math.isfinite(res["is"]) and res["is"] >= 1.0
+
+
+def test_kind_detection_and_errors(fixtures_dir, tmp_path, capsys):
+    from sashimi.import_checkpoint import detect_kind
+
+    fx = torch.load(fixtures_dir / "wavenet_small.pt", weights_only=True)
+    assert detect_kind(_sd(fx)) == "wavenet"
+    with pytest.raises(UserError, match="give --model NAME"):
+        detect_kind({"foo.weight": torch.zeros(1)}, "x.pt")
+    # no hyper-parameters and 6 layers: the dilation cycle cannot be told from the weights
+    src = tmp_path / "wavenet.pt"
+    torch.save(_sd(fx), src)
+    assert main(["import-checkpoint", "--src", str(src), "--out", str(tmp_path / "o.pt")]) == 2
+    assert "layers per block" in capsys.readouterr().err
+    # --model names the kind: a SaShiMi reading of WaveNet keys fails naming them
+    argv = ["import-checkpoint", "--src", str(src), "--model", "sashimi", "--out", "o.pt"]
+    assert main(argv) == 2
+    assert (
+        "unexpected keys for a SaShiMi checkpoint: model.filter_convs.0.weight"
+        in capsys.readouterr().err
+    )

@@ -32,19 +32,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load a checkpoint file (weights_only; falls back to full unpickling for foreign files)."""
+    """A checkpoint file of ours, read with torch.load(weights_only=True) and nothing more: a
+    file that needs any other global is refused (official checkpoints: `sashimi import-checkpoint`)."""
+    from sashimi.safe_load import load_weights
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e:
-            raise UserError(
-                f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]})"
-            ) from None
+    ckpt = load_weights(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise UserError(f"{path}: not a sashimi checkpoint (needs 'model' and 'model_name')")
     return ckpt

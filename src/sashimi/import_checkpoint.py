@@ -1,11 +1,20 @@
-"""`sashimi import-checkpoint`: convert an official state-spaces SaShiMi checkpoint.
+"""`sashimi import-checkpoint`: convert a released official checkpoint to ours.
 
-Reads a state dict written by the official framework (a Lightning `.ckpt` holding
-`state_dict`, or the `.pt` of `checkpoints/convert_pl_to_pt.py`), renames its keys to
-ours, infers the model size from the shapes, and writes a checkpoint in the trainer's
-format that `sashimi.train.load_model`, `sashimi sample` and `sashimi evaluate` read.
+Kinds (`--model`, else detected from the keys):
+- sashimi, wavenet, samplernn: state-spaces/s4, a Lightning `.ckpt` (`state_dict` and its
+  `hyper_parameters`, an omegaconf DictConfig) or the `.pt` state dict of
+  `checkpoints/convert_pl_to_pt.py`;
+- diffwave: albertfgu/diffwave-sashimi, `{"model_state_dict", "optimizer_state_dict"}`
+  (`<iter>.pkl`), WaveNet or SaShiMi backbone;
+- classifier: the released SC09 classifier `resnext.pth` (a pickled DataParallel /
+  CifarResNeXt; see `released_classifier`).
+Files are read by `safe_load.load_foreign` (weights_only with inert stand-ins for the
+hyper-parameter and module classes): nothing in a file runs. The model size comes from the
+tensor shapes; what shapes cannot tell comes from the hyper-parameters or a params.yaml run
+(`official_baselines`). The output is a checkpoint in the trainer's format (the classifier's:
+what `classifier.load_classifier` reads) that `sashimi sample` / `sashimi evaluate` read.
 
-Key layouts understood:
+SaShiMi key layouts understood (this file):
 - v4 (today's framework): `model.*`, `encoder.0.weight`, `decoder.0.output_transform.*`;
   S4 parameters `layer.layer.kernel.{inv_dt, A_real, A_imag, B, P, C, l_kernel}`,
   `layer.layer.D`, `layer.output_linear.0.*`.
@@ -32,8 +41,26 @@ import torch
 from torch import Tensor
 
 from sashimi.errors import UserError
+from sashimi.released_classifier import is_released_classifier, released_state_dict
+from sashimi.safe_load import load_foreign, to_plain
 
 MODEL_NAME = "sashimi"
+CLASSIFIER_NAME = "resnext"  # sashimi.classifier.MODEL_NAME
+# --model NAME -> (our model name, run kind)
+KINDS: dict[str, tuple[str, str]] = {
+    "sashimi": (MODEL_NAME, "ar"),
+    "wavenet": ("wavenet", "ar"),
+    "samplernn": ("samplernn", "ar"),
+    "diffwave": ("diffwave", "diffusion"),
+    "classifier": (CLASSIFIER_NAME, "classifier"),
+}
+_SIGNS: list[tuple[str, tuple[str, ...]]] = [  # (kind, key prefixes that identify it)
+    ("samplernn", ("model.frame_level_rnns.",)),
+    ("wavenet", ("model.start_conv.", "model.filter_convs.")),
+    ("sashimi", ("model.c_layers.", "model.d_layers.", "model.u_layers.")),
+    ("diffwave", ("init_conv.", "residual_layer.")),
+    ("classifier", ("conv_1_3x3.",)),
+]
 
 # residual-block sub-keys that are not S4 (relative to `<block>.`)
 _BLOCK_RULES: list[tuple[str, str]] = [
@@ -197,21 +224,35 @@ def infer_kwargs(sd: Mapping[str, Tensor], src: str = "state dict") -> dict:
     return kwargs
 
 
-def load_into_model(our_sd: Mapping[str, Tensor], kwargs: dict, src: str = "state dict"):
-    """Build SaShiMi(**kwargs) and load `our_sd` strictly (error names missing/unexpected keys)."""
-    from sashimi.models.sashimi import SaShiMi
+def _model_class(name: str) -> type:
+    if name == CLASSIFIER_NAME:
+        from sashimi.classifier import DigitClassifier
 
-    model = SaShiMi(**kwargs)
+        return DigitClassifier
+    from sashimi.models import MODELS
+
+    return MODELS[name]
+
+
+def load_into_model(
+    our_sd: Mapping[str, Tensor], kwargs: dict, src: str = "state dict", name: str = MODEL_NAME
+):
+    """Build model `name` (default SaShiMi) with `kwargs` and load `our_sd` strictly (the error
+    names missing / unexpected keys). The classifier's front-end buffers are its own."""
+    model = _model_class(name)(**kwargs)
     own = model.state_dict()
+    if name == CLASSIFIER_NAME:
+        our_sd = {k: v for k, v in own.items() if k.startswith("frontend.")} | dict(our_sd)
     missing = [k for k in own if k not in our_sd]
     unexpected = [k for k in our_sd if k not in own]
+    label = f"{type(model).__name__}({_fmt(kwargs)})"
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing keys: {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_short(unexpected)}")
-        raise UserError(f"{src}: does not fit SaShiMi({_fmt(kwargs)}): {'; '.join(parts)}")
+        raise UserError(f"{src}: does not fit {label}: {'; '.join(parts)}")
     for k, v in our_sd.items():
         if own[k].shape != v.shape:
             raise UserError(
@@ -225,27 +266,63 @@ def _fmt(kwargs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+# ---------------------------------------------------------------------------- reading
+
+
+def read_source(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """(official state dict, plain hyper-parameters) of an official file. Read through
+    `safe_load.load_foreign`: weights_only plus inert stand-ins, nothing in it runs."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with non-tensor objects (e.g. Lightning hparams)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:
-            raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__})") from None
-    return _unwrap(obj, str(path))
+    obj = load_foreign(path)
+    if is_released_classifier(obj):
+        return released_state_dict(obj, str(path)), {}
+    hp: Any = {}
+    if isinstance(obj, Mapping):
+        hp = to_plain(obj.get("hyper_parameters")) or {}
+        if isinstance(obj.get("model_state_dict"), Mapping):  # diffwave-sashimi `<iter>.pkl`
+            obj = obj["model_state_dict"]
+    return _unwrap(obj, str(path)), hp if isinstance(hp, dict) else {}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The official state dict of a file (see `read_source`)."""
+    return read_source(path)[0]
+
+
+def detect_kind(sd: Mapping[str, Tensor], src: str = "state dict") -> str:
+    """Which official model a state dict holds, from its keys."""
+    for kind, prefixes in _SIGNS:
+        if any(k.startswith(prefixes) for k in sd):
+            return kind
+    raise UserError(
+        f"{src}: cannot tell the model from its keys ({_short(list(sd), 4)}); give --model NAME"
+    )
+
+
+def convert(
+    kind: str, sd: Mapping[str, Tensor], hints: Mapping, src: str = "state dict"
+) -> tuple[dict[str, Tensor], dict]:
+    """Official state dict of `kind` -> (our state dict, our constructor kwargs)."""
+    from sashimi import official_baselines, released_classifier
+
+    if kind == "sashimi":
+        return convert_state_dict(sd, src)
+    if kind == "classifier":
+        return released_classifier.convert_state_dict(sd, src)
+    if kind in ("wavenet", "samplernn", "diffwave"):
+        return getattr(official_baselines, kind)(sd, hints, src)
+    raise UserError(f"--model {kind!r}: not one of {', '.join(KINDS)}")
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--src", required=True, help="official checkpoint (.ckpt with 'state_dict', or .pt)"
-    )
+    p.add_argument("--src", required=True,
+                   help="official checkpoint (Lightning .ckpt, .pt state dict, diffwave-sashimi "
+                   ".pkl, or the released resnext.pth)")  # fmt: skip
+    p.add_argument("--model", choices=list(KINDS),
+                   help="what the file holds (default: detected from its keys)")  # fmt: skip
     p.add_argument("--out", help="output checkpoint (default with --config-from-run: "
                    "results/runs/RUN/checkpoints/imported.pt)")  # fmt: skip
     p.add_argument("--config-from-run", metavar="RUN",
@@ -256,56 +333,79 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="S4 kernel backend for the built model (default auto)")
 
 
+def _from_run(run_cfg, name: str, kwargs: dict, src: Path) -> tuple[dict, dict, Path]:
+    """(kwargs completed from the run's model block, the run's config, its imported.pt), after
+    checking every shape-determining kwarg against the run."""
+    import inspect
+
+    if run_cfg.model_name != name:
+        raise UserError(f"runs.{run_cfg.key}: model {run_cfg.model_name!r} is not {name!r}")
+    for k, v in kwargs.items():
+        have = run_cfg.model.get(k)
+        if have is not None and _norm(have) != _norm(v):
+            raise UserError(
+                f"runs.{run_cfg.key}.model.{k}: {have!r} does not match the checkpoint ({v!r})"
+            )
+    accepted = inspect.signature(_model_class(name)).parameters
+    extra = {k: v for k, v in run_cfg.model.items() if k not in kwargs and k in accepted}
+    config = dict(run_cfg.raw, imported_from=str(src))
+    return kwargs | extra, config, run_cfg.run_dir / "checkpoints" / "imported.pt"
+
+
 def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
-    our_sd, kwargs = convert_state_dict(read_checkpoint(src), str(src))
-    config: dict = {
-        "model": dict(name=MODEL_NAME, **kwargs),
-        "kind": "ar",
-        "imported_from": str(src),
-    }
-    out = args.out
+    sd, hp = read_source(src)
+    kind = getattr(args, "model", None) or detect_kind(sd, str(src))
+    name, run_kind = KINDS[kind]
+    hints = dict(hp["model"]) if isinstance(hp.get("model"), dict) else {}
+    run_cfg = None
     if args.config_from_run:
         from sashimi.config import load_params
 
         run_cfg = load_params(args.params).run(args.config_from_run)
-        if run_cfg.model_name != MODEL_NAME:
-            raise UserError(
-                f"runs.{run_cfg.key}: model {run_cfg.model_name!r} is not {MODEL_NAME!r}"
-            )
-        for k, v in kwargs.items():  # every shape-determining kwarg must agree
-            have = run_cfg.model.get(k)
-            if have is not None and _norm(have) != _norm(v):
-                raise UserError(
-                    f"runs.{run_cfg.key}.model.{k}: {have!r} does not match the checkpoint ({v!r})"
-                )
-        kwargs = {**kwargs, **{k: v for k, v in run_cfg.model.items() if k not in kwargs}}
-        config = dict(run_cfg.raw, imported_from=str(src))
-        out = out or run_cfg.run_dir / "checkpoints" / "imported.pt"
+        hints |= dict(run_cfg.model)
+    our_sd, kwargs = convert(kind, sd, hints, str(src))
+    config: dict = {
+        "model": dict(name=name, **kwargs),
+        "kind": run_kind,
+        "imported_from": str(src),
+    }
+    out = args.out
+    if run_cfg is not None:
+        kwargs, config, default_out = _from_run(run_cfg, name, kwargs, src)
+        out = out or default_out
     if out is None:
         raise UserError("import-checkpoint: give --out FILE or --config-from-run RUN")
-    if args.dropout is not None:
-        kwargs["dropout"] = args.dropout
-    if args.backend is not None:
-        kwargs["backend"] = args.backend
-    model = load_into_model(our_sd, kwargs, str(src))
+    for flag in ("dropout", "backend"):
+        if getattr(args, flag, None) is not None:
+            if name != MODEL_NAME and kwargs.get("backbone") != "sashimi":
+                raise UserError(f"--{flag}: only for SaShiMi models, not {kind}")
+            kwargs[flag] = getattr(args, flag)
+    model = load_into_model(our_sd, kwargs, str(src), name)
+    _write(out, model, name, kwargs, run_kind, config)
     n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"imported {src} -> {out}: {type(model).__name__}({_fmt(kwargs)}), {n_params:,} parameters"
+    )
+    return 0
+
+
+def _write(out, model, name: str, kwargs: dict, run_kind: str, config: dict) -> None:
+    """Our checkpoint format (what checkpoints.load_model and classifier.load_classifier read)."""
+    from sashimi.io import atomic_write
+
     ckpt = {
         "model": model.state_dict(),
-        "model_name": MODEL_NAME,
+        "model_name": name,
         "model_kwargs": kwargs,
-        "kind": "ar",
+        "kind": run_kind,
         "step": 0,
         "epoch": 0,
         "best_val": math.inf,
         "config": config,
     }
-    from sashimi.io import atomic_write
-
     with atomic_write(out, "wb") as f:
         torch.save(ckpt, f)
-    print(f"imported {src} -> {out}: SaShiMi({_fmt(kwargs)}), {n_params:,} parameters")
-    return 0
 
 
 def _norm(v: Any) -> Any:
