@@ -225,3 +225,116 @@ def test_sc09_metrics_and_real_rows(workdir):
     assert cli("evaluate", "--real", "tiny", "--split", "test") == 0
     r = json.loads((workdir / "results/runs/real-test/metrics.json").read_text())
     assert r["n_scored"] == 5 and math.isfinite(r["fid"]) and r["split"] == "test"
+
+
+# ============================================================================ folders of wavs
+def _wav_folder(folder, names, seed=0):
+    from sashimi.io import write_wav
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000) / 16000
+    for k, name in enumerate(names):
+        x = 0.4 * np.sin(2 * np.pi * (180 + 70 * k) * t) + 0.05 * rng.standard_normal(16000)
+        write_wav(folder / name, x)
+
+
+def _sc09_workdir(workdir, eval_block=None):
+    """params.yaml whose `eval.reference` is the prepared `tiny` split, our classifier trained
+    (stand-in) and a released one at another path."""
+    import yaml
+
+    p = write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    raw = yaml.safe_load(p.read_text())
+    raw["runs"]["classifier-sc09"] = {
+        "kind": "classifier",
+        "dataset": "tiny",
+        "model": {"name": "resnext", "width": 0.0625, "depth": 11},
+    }
+    raw["eval"] = dict(
+        {"reference": "tiny", "released_classifier": "rel/resnext.pth"}, **(eval_block or {})
+    )
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _tiny_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")
+    torch.manual_seed(1)
+    _tiny_classifier(workdir / "rel/resnext.pth")  # a different stand-in: other weights
+
+
+def test_wavs_without_likelihoods_are_scored_whole(workdir):
+    from sashimi.classifier import classify, labelled_split, load_classifier, read_clips
+    from sashimi.metrics import fid
+
+    _sc09_workdir(workdir)
+    names = [f"clip_{c}.wav" for c in "abcdefg"]
+    _wav_folder(workdir / "clips", names)
+    assert cli("evaluate", "--wavs", "clips", "--out", "out/clips.json") == 0
+    m = json.loads((workdir / "out/clips.json").read_text())
+    assert m["n_scored"] == m["n_generated"] == 7 and m["selection"] == "all"
+    assert m["trimming"].startswith("not applied") and "log-likelihoods" in m["trimming"]
+    assert m["sc09_classifier_source"] == "ours"
+    assert m["sc09_classifier"].endswith("classifier-sc09/checkpoints/best.pt")
+    clf = load_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")
+    feats, _ = classify(clf, read_clips([workdir / "clips" / n for n in names]))
+    ref, _ = classify(clf, labelled_split(workdir / "data/prepared/tiny", "train"))
+    assert m["fid"] == pytest.approx(fid(feats, ref), rel=1e-6)
+
+
+def test_wavs_with_loglik_csv_are_trimmed(workdir):
+    _sc09_workdir(workdir)
+    names = [f"{i:05d}.wav" for i in range(10)]
+    _wav_folder(workdir / "clips", names)
+    rows = ["name,loglik_nats,bits_per_sample"] + [
+        f"{n},{-float(i)},1.0" for i, n in enumerate(names)
+    ]
+    (workdir / "clips/loglik.csv").write_text("\n".join(rows) + "\n")
+    assert cli("evaluate", "--wavs", "clips", "--out", "m.json") == 0
+    m = json.loads((workdir / "m.json").read_text())
+    # 10 clips -> held-out half of 5 -> drop the 2 least likely (40%) -> 3
+    assert m["selection"] == "loglik" and m["n_scored"] == 3 and m["untrimmed"]["n_scored"] == 10
+    assert m["trimming"].startswith("applied")
+
+
+def test_params_pick_the_released_classifier(workdir):
+    _sc09_workdir(workdir, {"sc09_classifier": "released"})
+    _wav_folder(workdir / "clips", ["a.wav", "b.wav", "c.wav"])
+    assert cli("evaluate", "--wavs", "clips", "--out", "rel.json") == 0
+    rel = json.loads((workdir / "rel.json").read_text())
+    assert (
+        rel["sc09_classifier"] == "rel/resnext.pth" and rel["sc09_classifier_source"] == "released"
+    )
+    ours = workdir / "results/runs/classifier-sc09/checkpoints/best.pt"
+    assert cli("evaluate", "--wavs", "clips", "--out", "ours.json", "--classifier", str(ours)) == 0
+    o = json.loads((workdir / "ours.json").read_text())
+    assert o["sc09_classifier_source"] == "ours" and o["fid"] != pytest.approx(rel["fid"])
+
+
+def test_released_classifier_missing_names_the_file(workdir, capsys):
+    _sc09_workdir(workdir, {"sc09_classifier": "released", "released_classifier": "nope.pth"})
+    _wav_folder(workdir / "clips", ["a.wav", "b.wav"])
+    assert cli("evaluate", "--wavs", "clips", "--out", "x.json") == 2
+    assert "nope.pth" in capsys.readouterr().err
+    assert cli("evaluate", "--wavs", "clips") == 2  # --out is required
+    assert cli("evaluate", "--wavs", "missing", "--out", "x.json") == 2
+    assert "missing: no such folder" in capsys.readouterr().err
+    assert cli("evaluate", "--release", "nosuch") == 2
+    assert "eval.released_models.nosuch" in capsys.readouterr().err
+
+
+def test_likelihood_order_needs_one_numbered_sequence(tmp_path):
+    from sashimi.score_folder import likelihood_selection, rank_from_names, wav_files
+
+    good = [f"x_gen_{i}.wav" for i in (1, 2, 3, 10, 4, 5, 6, 7, 8, 9)]
+    for n in good:
+        (tmp_path / n).write_bytes(b"")
+    wavs = wav_files(tmp_path)
+    assert [w.name for w in wavs][-2:] == ["x_gen_9.wav", "x_gen_10.wav"]  # natural order
+    assert rank_from_names(wavs).tolist() == list(range(10))
+    loglik, selection, _ = likelihood_selection(tmp_path, wavs, sorted_by_likelihood=True)
+    assert selection == "likelihood-order" and loglik.tolist() == list(range(10))
+    _, selection, note = likelihood_selection(tmp_path, wavs, sorted_by_likelihood=False)
+    assert selection == "all" and note.startswith("not applied")
+    (tmp_path / "x_gen_12.wav").write_bytes(b"")  # a gap: not one sequence
+    gap = wav_files(tmp_path)
+    assert rank_from_names(gap) is None
+    _, selection, note = likelihood_selection(tmp_path, gap, sorted_by_likelihood=True)
+    assert selection == "all" and "not one numbered sequence" in note
+    assert rank_from_names([tmp_path / "a.wav", tmp_path / "b.wav"]) is None

@@ -42,6 +42,26 @@ def test_fixture_values(fx, case):
     assert int(fx["mis_n_pairs_default"]) == 10000
 
 
+@pytest.mark.parametrize("case", ["A", "B"])
+def test_sc09_scores_reproduce_the_official_row(fx, case):
+    """One table row from cached reference statistics equals the official metrics."""
+    ref = fx["train_feat"]
+    row = M.sc09_scores(
+        fx[f"gen{case}_feat"],
+        fx[f"gen{case}_probs"],
+        ref.mean(0),
+        np.cov(ref, rowvar=False),
+        fx["train_probs"],
+    )
+    for key in ("fid", "is", "mis", "am"):
+        assert row[key] == pytest.approx(float(fx[f"{case}_{key}"]), abs=1e-6), key
+    assert row["is_textbook"] == pytest.approx(
+        M.inception_score(fx[f"gen{case}_probs"], paper=False)
+    )
+    with pytest.raises(M.UserError, match="at least 2 clips"):
+        M.sc09_scores(ref[:1], fx["train_probs"][:1], ref.mean(0), np.eye(32), fx["train_probs"])
+
+
 @pytest.mark.parametrize("case", ["A", "train"])
 def test_fixture_distinguishes_is_conventions(fx, case):
     """The official IS takes the KL per class column; the row-wise KL diagnostic differs."""

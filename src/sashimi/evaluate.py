@@ -3,6 +3,8 @@
     sashimi evaluate --run RUN [--metrics nll,sc09] [--checkpoint PATH] [--split test]
                      [--classifier CKPT] [--samples DIR] [--batch-size B]
     sashimi evaluate --real sc09 --split train|test [--classifier CKPT] [--max-clips N]
+    sashimi evaluate --wavs DIR --out FILE.json [--classifier CKPT]
+    sashimi evaluate --release FOLDER           # one folder of the authors' released clips
 
 - always: `params` (parameter count of the evaluated checkpoint's model), and the training
   budget behind it, `train_steps` and `train_minutes` (from train_log.csv, else the
@@ -20,7 +22,18 @@
   n_scored, n_generated.
 - --real DATASET: the paper table's Train / Test rows (real clips scored the same way) into
   results/runs/real-<split>/metrics.json.
+- --wavs DIR: any folder of wavs, scored against the TRAIN split of `eval.reference`. With a
+  DIR/loglik.csv (as `sashimi sample` writes) the protocol's likelihood trim is applied;
+  without one every clip is scored and the json says `trimming: not applied`, because the
+  trim needs each clip's log-likelihood.
+- --release FOLDER: `eval.released_samples`/FOLDER with the released classifier into
+  results/release/sc09/FOLDER/metrics.json. Folders marked `sorted_by_likelihood` (the
+  autoregressive ones: the official generation script numbers the clips in increasing
+  log-likelihood order) are trimmed by that rank.
 
+The classifier is params.yaml's `eval.sc09_classifier` (`ours`: the classifier-sc09 run;
+`released`: `eval.released_classifier`) unless --classifier names a file; every SC09 result
+records which one as `sc09_classifier_source` (ours | released | other).
 metrics.json is merged under a file lock (other keys are never dropped) and written atomically.
 """
 
@@ -39,10 +52,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sashimi.errors import UserError
 from sashimi.io import read_json, write_json
+from sashimi.score_folder import read_loglik, score_folder
 
 LN2 = math.log(2.0)
 IGNORE_INDEX = -100
@@ -94,8 +107,9 @@ def nll_bits(
     """
     from tqdm import tqdm
 
-    from sashimi.data.datasets import collate_autoregressive
+    from sashimi.ar_loss import n_targets, nll_sum
     from sashimi.batching import length_multiple, pad_to_multiple
+    from sashimi.data.datasets import collate_autoregressive
 
     model.eval()
     multiple = length_multiple(model)
@@ -106,18 +120,9 @@ def nll_bits(
     for x, y in tqdm(loader, disable=not progress, leave=False, desc="nll"):
         x, y = pad_to_multiple(x, y, multiple)
         x, y = x.to(device), y.to(device)
-        logits = model(x).flatten(0, 1)  # (B L, 256)
-        y = y.flatten()  # (B L,)
-        for lo in range(0, y.numel(), _CE_CHUNK):
-            total += float(
-                F.cross_entropy(
-                    logits[lo : lo + _CE_CHUNK].double(),
-                    y[lo : lo + _CE_CHUNK],
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-        count += int((y != IGNORE_INDEX).sum())
+        logits = model(x)  # (B, L, 256)
+        total += float(nll_sum(logits, y, torch.float64, chunk=_CE_CHUNK))
+        count += n_targets(y)
     if count == 0:
         raise UserError("nll: the split has no targets")
     return total / count / LN2, count
@@ -140,8 +145,8 @@ def evaluate_nll(
     loaded: tuple[torch.nn.Module, dict] | None = None,
 ) -> dict[str, Any]:
     """Test NLL of the run's checkpoint (`loaded`: a (model, ckpt) already read by load_model)."""
-    from sashimi.data.datasets import AutoregressiveDataset, load_split
     from sashimi.checkpoints import load_model
+    from sashimi.data.datasets import AutoregressiveDataset, load_split
 
     model, ckpt = loaded or load_model(checkpoint or run.run_dir, map_location=device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -217,30 +222,56 @@ def _classifier_module():
 
 
 def default_classifier_path(P) -> Path:
+    """Our classifier: the classifier-sc09 run's best checkpoint (else the first classifier run)."""
     key = DEFAULT_CLASSIFIER_RUN
     if key not in P.runs:
         key = next((k for k, r in P.runs.items() if r.kind == "classifier"), key)
     return Path("results/runs") / key / "checkpoints" / "best.pt"
 
 
-def read_loglik(samples: Path, names: list[str]) -> np.ndarray:
-    from sashimi.sample import read_loglik_csv
+def eval_settings(P) -> dict[str, Any]:
+    """params.yaml `eval` with its defaults filled in."""
+    ev = dict(P.raw.get("eval") or {})
+    ev.setdefault("sc09_classifier", "ours")
+    ev.setdefault("released_classifier", "data/raw/release/sc09_classifier/resnext.pth")
+    ev.setdefault("reference", "sc09")
+    ev.setdefault("released_samples", "data/raw/release/samples/sc09")
+    ev.setdefault("released_models", {})
+    return ev
 
-    f = samples / "loglik.csv"
-    rows = read_loglik_csv(f)
-    if not rows:
-        raise UserError(f"{f}: missing or empty; autoregressive samples need their log-likelihoods")
-    out = []
-    for nm in names:
-        v = rows.get(nm, {}).get("loglik_nats", "")
-        if v == "":
-            raise UserError(f"{f}: no log-likelihood for {nm}")
-        out.append(float(v))
-    return np.asarray(out, dtype=np.float64)
+
+def released_classifier_path(P) -> Path:
+    return Path(eval_settings(P)["released_classifier"])
+
+
+def pick_classifier(P, given: Path | None = None) -> tuple[Path, str]:
+    """(checkpoint, source) of the SC09 classifier: --classifier if given, else
+    `eval.sc09_classifier`. source is ours | released | other."""
+    ours, released = default_classifier_path(P), released_classifier_path(P)
+    if given is not None:
+        same = {ours.resolve(): "ours", released.resolve(): "released"}
+        return given, same.get(Path(given).resolve(), "other")
+    if eval_settings(P)["sc09_classifier"] == "released":
+        return released, "released"
+    return ours, "ours"
+
+
+def _classifier_result(path: Path, source: str, reference: Path) -> dict[str, str]:
+    return {
+        "sc09_classifier": str(path),
+        "sc09_classifier_source": source,
+        "sc09_reference": str(reference),
+    }
 
 
 def evaluate_sc09(
-    P, run, *, classifier_path: Path, samples: Path | None, device: torch.device
+    P,
+    run,
+    *,
+    classifier_path: Path,
+    samples: Path | None,
+    device: torch.device,
+    source: str = "ours",
 ) -> dict:
     clf_mod = _classifier_module()
     samples = samples or Path(run.run_dir) / "samples"
@@ -260,7 +291,7 @@ def evaluate_sc09(
         cache_dir=Path("results/cache"),
         seed=0,
     )
-    return dict(res, sc09_classifier=str(classifier_path), sc09_reference=str(reference))
+    return dict(res, **_classifier_result(classifier_path, source, reference))
 
 
 def evaluate_real(
@@ -271,6 +302,7 @@ def evaluate_real(
     classifier_path: Path,
     device: torch.device,
     max_clips: int | None = None,
+    source: str = "ours",
 ) -> dict:
     clf_mod = _classifier_module()
     ds = P.dataset(dataset_key)
@@ -286,11 +318,40 @@ def evaluate_real(
     )
     return dict(
         res,
-        sc09_classifier=str(classifier_path),
-        sc09_reference=str(ds.prepared_dir),
+        **_classifier_result(classifier_path, source, ds.prepared_dir),
         dataset=dataset_key,
         split=split,
     )
+
+
+def evaluate_release(P, folder_name: str, *, device: torch.device) -> tuple[dict, Path]:
+    """One folder of the authors' released SC09 clips, scored with the released classifier."""
+    from sashimi.report.registry import release_metrics_path
+
+    ev = eval_settings(P)
+    models = ev["released_models"]
+    if folder_name not in models:
+        known = ", ".join(models) or "none"
+        raise UserError(f"{P.path}: eval.released_models.{folder_name}: no such folder ({known})")
+    path, reference = released_classifier_path(P), reference_dir(P)
+    res = score_folder(
+        Path(ev["released_samples"]) / folder_name,
+        path,
+        reference,
+        device=device,
+        sorted_by_likelihood=bool(models[folder_name].get("sorted_by_likelihood", False)),
+    )
+    return dict(res, **_classifier_result(path, "released", reference)), release_metrics_path(
+        folder_name
+    )
+
+
+def reference_dir(P) -> Path:
+    """The prepared folder whose TRAIN split gives the reference statistics (`eval.reference`)."""
+    key = eval_settings(P)["reference"]
+    if key not in P.datasets:
+        raise UserError(f"{P.path}: eval.reference: {key!r} is not a key of datasets")
+    return Path(P.datasets[key].prepared_dir)
 
 
 # ============================================================================ CLI
@@ -298,6 +359,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run key in params.yaml")
     p.add_argument(
         "--real", metavar="DATASET", help="score real clips of DATASET (e.g. sc09) instead of a run"
+    )
+    p.add_argument(
+        "--wavs", type=Path, metavar="DIR", help="score any folder of .wav clips (needs --out)"
+    )
+    p.add_argument(
+        "--release",
+        metavar="FOLDER",
+        help="score one folder of the authors' released SC09 clips (params.yaml eval)",
     )
     p.add_argument("--metrics", default="nll", help="comma-separated: nll, sc09 (default nll)")
     p.add_argument(
@@ -307,8 +376,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classifier",
         type=Path,
-        help="digit classifier checkpoint "
-        "(default results/runs/classifier-sc09/checkpoints/best.pt)",
+        help="digit classifier checkpoint (default: params.yaml eval.sc09_classifier)",
     )
     p.add_argument("--samples", type=Path, help="samples folder (default results/runs/RUN/samples)")
     p.add_argument("--batch-size", type=int, help="NLL batch size (default train.batch_size)")
@@ -320,18 +388,40 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _write(out: Path, res: dict) -> int:
+    merged = merge_metrics(out, res)
+    print(json.dumps({k: merged[k] for k in res}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from sashimi.config import load_params
     from sashimi.data.datasets import canonical_split
     from sashimi.distributed import pick_device
 
     P = load_params(args.params)
+    chosen = [f"--{k}" for k in ("run", "real", "wavs", "release") if getattr(args, k)]
+    if len(chosen) > 1:
+        raise UserError(f"give one of --run, --real, --wavs, --release, not {' and '.join(chosen)}")
+    if not chosen:
+        raise UserError(
+            "evaluate: give --run RUN (or --real DATASET, --wavs DIR, --release FOLDER)"
+        )
     device = pick_device(args.device)
+    classifier_path, source = pick_classifier(P, args.classifier)
+    if args.release:
+        if args.classifier:
+            raise UserError("--release scores with eval.released_classifier; drop --classifier")
+        res, out = evaluate_release(P, args.release, device=device)
+        return _write(args.out or out, res)
+    if args.wavs:
+        if not args.out:
+            raise UserError("--wavs DIR needs --out FILE.json")
+        reference = reference_dir(P)
+        res = score_folder(args.wavs, classifier_path, reference, device=device)
+        return _write(args.out, dict(res, **_classifier_result(classifier_path, source, reference)))
     split = canonical_split(args.split)
-    classifier_path = args.classifier or default_classifier_path(P)
     if args.real:
-        if args.run:
-            raise UserError("give either --run or --real, not both")
         res = evaluate_real(
             P,
             args.real,
@@ -339,13 +429,14 @@ def run(args: argparse.Namespace) -> int:
             classifier_path=classifier_path,
             device=device,
             max_clips=args.max_clips,
+            source=source,
         )
-        out = args.out or Path("results/runs") / f"real-{split}" / "metrics.json"
-        merged = merge_metrics(out, res)
-        print(json.dumps({k: merged[k] for k in res}))
-        return 0
-    if not args.run:
-        raise UserError("evaluate: give --run RUN (or --real DATASET)")
+        return _write(args.out or Path("results/runs") / f"real-{split}" / "metrics.json", res)
+    return _evaluate_run(P, args, split, device, classifier_path, source)
+
+
+def _evaluate_run(P, args, split: str, device, classifier_path: Path, source: str) -> int:
+    """`--run RUN`: NLL and/or SC09 metrics of a trained run into its metrics.json."""
     run_cfg = P.run(args.run)
     if run_cfg.kind == "classifier":
         raise UserError(
@@ -360,8 +451,8 @@ def run(args: argparse.Namespace) -> int:
         and sys.stderr.isatty()
         and os.environ.get("SASHIMI_PROGRESS", "1") != "0"
     )
-    from sashimi.tracking import Tracker
     from sashimi.checkpoints import load_model
+    from sashimi.tracking import Tracker
 
     model, ckpt = load_model(args.checkpoint or run_cfg.run_dir, map_location=device)
     # MLflow (its own worker process) starts now and logs while we evaluate
@@ -388,14 +479,18 @@ def run(args: argparse.Namespace) -> int:
         if "sc09" in wanted:
             res.update(
                 evaluate_sc09(
-                    P, run_cfg, classifier_path=classifier_path, samples=args.samples, device=device
+                    P,
+                    run_cfg,
+                    classifier_path=classifier_path,
+                    samples=args.samples,
+                    device=device,
+                    source=source,
                 )
             )
     except BaseException as e:
         tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    out = args.out or Path(run_cfg.run_dir) / "metrics.json"
-    merge_metrics(out, res)
+    merge_metrics(args.out or Path(run_cfg.run_dir) / "metrics.json", res)
     _track(tracker, res)
     print(json.dumps(res))
     return 0

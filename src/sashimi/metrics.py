@@ -17,6 +17,7 @@ Numpy arrays in, Python floats out. Conventions follow the official SaShiMi eval
 - `ndb_score(feat_ref, feat_gen)`: number of statistically different bins / k (own k-means;
   differs from the official scikit-learn value, see its docstring).
 - `select_paper_subset(loglik)`: which of the autoregressive samples are scored.
+- `sc09_scores(...)`: the four numbers of an SC09 table row against reference statistics.
 
 All logarithms are natural.
 """
@@ -42,6 +43,7 @@ __all__ = [
     "ndb_score",
     "kmeans",
     "select_paper_subset",
+    "sc09_scores",
     "kl_divergence",
     "entropy",
 ]
@@ -283,3 +285,27 @@ def select_paper_subset(
     n_high = (drop_high_pct * m) // 100
     keep = order[n_low : m - n_high]
     return np.sort(keep)
+
+
+# ----------------------------------------------------------------------------- a table row
+def sc09_scores(
+    feat_gen: np.ndarray,
+    probs_gen: np.ndarray,
+    mu_ref: np.ndarray,
+    cov_ref: np.ndarray,
+    probs_ref: np.ndarray,
+) -> dict[str, float]:
+    """FID, IS (paper), IS (textbook), mIS and AM of generated clips: features (n, d) and
+    probabilities (n, C) against the reference split's feature mean (d,), covariance (d, d)
+    and probabilities (m, C)."""
+    feat_gen = _as_2d(feat_gen, "feat_gen")
+    if len(feat_gen) < 2:
+        raise UserError(f"need at least 2 clips to score, got {len(feat_gen)}")
+    S_g = np.atleast_2d(np.cov(feat_gen, rowvar=False))  # (d, d), ddof 1
+    return {
+        "fid": fid_from_stats(feat_gen.mean(axis=0), S_g, mu_ref, cov_ref),
+        "is": inception_score(probs_gen, paper=True),
+        "is_textbook": inception_score(probs_gen, paper=False),
+        "mis": modified_inception_score(probs_gen),
+        "am": am_score(probs_ref, probs_gen),
+    }

@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from sashimi.report import table_paths
+from sashimi.report.registry import release_metrics_path, table_paths
 
 TABLE_FILES = [str(p) for p in table_paths("results")]
 RUNS = list(P.runs)
@@ -12,7 +12,15 @@ CLASSIFIERS = [k for k, r in P.runs.items() if r.kind == "classifier"]
 GENERATIVE = [k for k, r in P.runs.items() if r.kind != "classifier"]
 # SC09 runs are scored by the digit classifier too (FID, IS, mIS, AM); diffusion runs have no NLL.
 SC09_RUNS = [k for k in GENERATIVE if P.runs[k].dataset == "sc09"]
-REAL_SPLITS = ["train", "test"] if SC09_RUNS and CLASSIFIERS else []
+EVAL = P.raw.get("eval") or {}
+RELEASED_CLASSIFIER = EVAL.get("released_classifier", "data/raw/release/sc09_classifier/resnext.pth")
+USE_RELEASED = EVAL.get("sc09_classifier", "ours") == "released"
+REAL_SPLITS = ["train", "test"] if SC09_RUNS and (CLASSIFIERS or USE_RELEASED) else []
+# The authors' released SC09 clips: a folder is scored when it is present (never downloaded
+# by `all`, so the demo needs neither the files nor a network).
+RELEASE_SAMPLES = Path(EVAL.get("released_samples", "data/raw/release/samples/sc09"))
+RELEASED = [m for m in EVAL.get("released_models", {}) if any((RELEASE_SAMPLES / m).glob("*.wav"))]
+RELEASE_METRICS = [str(release_metrics_path(m)) for m in RELEASED]
 SRC = "src/sashimi"
 
 
@@ -38,6 +46,10 @@ def run_dataset(wc) -> str:
 
 
 def classifier_done(wc=None) -> list[str]:
+    """What the SC09 scoring needs: our trained classifier, or the released file
+    (`eval.sc09_classifier`)."""
+    if USE_RELEASED:
+        return [RELEASED_CLASSIFIER]
     return [f"results/runs/{k}/train.done" for k in CLASSIFIERS[:1]]
 
 
@@ -54,3 +66,4 @@ def code(*paths: str) -> list[str]:
 wildcard_constraints:
     run=one_of(RUNS),
     dataset=one_of(P.datasets),
+    release=one_of(EVAL.get("released_models", {})),

@@ -6,12 +6,19 @@ rule report:
         expand("results/runs/{run}/metrics.json", run=GENERATIVE),
         expand("results/runs/real-{split}/metrics.json", split=REAL_SPLITS),
         expand("results/runs/{run}/train.done", run=CLASSIFIERS),
-        code("report.py", "reference/paper_results.yaml"),
+        RELEASE_METRICS,
+        code("report", "reference/paper_results.yaml"),
     output:
         TABLE_FILES,
         "results/report.html",
     params:
-        layout=stable({"scale": P.scale, "rows": {k: [r.table, r.label] for k, r in P.runs.items()}}),
+        layout=stable(
+            {
+                "scale": P.scale,
+                "rows": {k: [r.table, r.label] for k, r in P.runs.items()},
+                "eval": EVAL,
+            }
+        ),
     log:
         "results/logs/report/report.log",
     benchmark:
