@@ -138,3 +138,37 @@ def test_rate_every_clip_in_chromium_export_and_aggregate(tmp_path):
     assert set(t["model"]) == {"real", "sashimi-sc09", "sashimi-youtubemix"}
     assert set(t["question"]) == {"quality", "intelligibility", "fidelity", "musicality"}
     assert t["n"].sum() == len(rows) * 2
+
+
+def test_report_writes_the_page_and_the_mos_table(tmp_path):
+    from sashimi.config import load_params
+    from sashimi.report.mos import KEY, PAGE, mos_report_table, write_listening_page
+    from sashimi.report.render import to_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    P = load_params(root / "params.yaml", scale="demo", check_models=False)
+    clips = _clips(tmp_path)
+    groups = {
+        "real-sc09": clips[("sc09", "real")],
+        "sashimi-sc09": clips[("sc09", "sashimi-sc09")],
+        "sashimi-youtubemix": clips[("youtubemix", "sashimi-youtubemix")],
+    }
+    out = tmp_path / "results"
+    assert write_listening_page(P, groups, out) == [out / PAGE, out / KEY]
+    page = (out / PAGE).read_text()
+    assert "intelligibility" in page and "musicality" in page  # SC09 speech, YouTubeMix music
+    key = pd.read_csv(out / KEY)
+    ratings = tmp_path / "r.csv"
+    qs = {"sc09": ("quality", "intelligibility"), "youtubemix": ("fidelity", "musicality")}
+    ratings.write_text(
+        "rater,clip,question,rating\n"
+        + "".join(
+            f"a,{c},{q},{5 if m == 'real' else 2}\n"
+            for c, ds, m in zip(key["clip"], key["dataset"], key["model"])
+            for q in qs[ds]
+        )
+    )
+    md = to_markdown(mos_report_table(P, [ratings], out), P)
+    real_line = next(line for line in md.splitlines() if "Real data" in line and "quality" in line)
+    assert "5.00" in real_line and "| 2 |" in real_line  # two clips, one rater
+    assert md.count("2.00 ± 0.00") == 4  # two generated groups x two questions

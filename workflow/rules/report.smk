@@ -11,6 +11,8 @@ rule report:
     output:
         TABLE_FILES,
         "results/report.html",
+        "results/listening_test.html",
+        "results/listening_test_key.csv",
     params:
         layout=stable(
             {

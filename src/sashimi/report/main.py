@@ -16,6 +16,7 @@ from sashimi.errors import UserError
 from sashimi.io import atomic_write
 from sashimi.report import figures as F
 from sashimi.report.html import render_html
+from sashimi.report.mos import mos_report_table, write_listening_page
 from sashimi.report.reference import load_reference
 from sashimi.report.registry import REAL_SPLITS, real_metrics_path
 from sashimi.report.release import read_release_metrics, release_table
@@ -48,11 +49,18 @@ def _figures(P: Params, results: dict, groups: dict, fig_dir: Path) -> list[Path
 
 
 def make_report(
-    P: Params, out: str | Path = "results", clips: int = 3, figures: bool = True
+    P: Params,
+    out: str | Path = "results",
+    clips: int = 3,
+    figures: bool = True,
+    ratings: list[Path] | None = None,
 ) -> dict:
-    """Write tables, figures, audio and report.html under `out`. Returns what was written."""
+    """Write tables, figures, audio, report.html and the listening page under `out` (and the
+    MOS table when rating files are given). Returns what was written."""
     out = Path(out)
     tables = all_tables(P)
+    if ratings:
+        tables["mos"] = mos_report_table(P, ratings, out)
     written: dict[str, list[Path]] = {"tables": [], "figures": [], "audio": []}
     for key, t in tables.items():
         for fmt, render in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
@@ -63,6 +71,7 @@ def make_report(
     results = {k: collect(r) for k, r in P.runs.items()}
     groups = F.copy_audio(P, {k: r for k, r in results.items() if r.run.table}, out, clips)
     written["audio"] = [p for ps in groups.values() for p in ps]
+    written["listening"] = write_listening_page(P, groups, out)
     written["figures"] = _figures(P, results, groups, out / "figures") if figures else []
     report = out / "report.html"
     with atomic_write(report, "w") as f:
@@ -79,13 +88,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--clips", type=int, default=3, help="real and generated clips per run in report.html"
     )
     p.add_argument("--no-figures", action="store_true", help="tables and report.html only")
+    p.add_argument(
+        "--ratings",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="rating CSVs exported by listening_test.html: adds the MOS table",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     P = load_params(args.params, check_models=False)
     if args.clips < 0:
         raise UserError(f"--clips: {args.clips} is negative")
-    written = make_report(P, args.out, clips=args.clips, figures=not args.no_figures)
+    written = make_report(
+        P, args.out, clips=args.clips, figures=not args.no_figures, ratings=args.ratings
+    )
     done = sum(collect(r).finished for r in P.runs.values())
     print(
         f"report ({P.scale} scale): {done}/{len(P.runs)} runs finished; "
