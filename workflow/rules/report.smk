@@ -7,7 +7,9 @@ rule report:
         expand("results/runs/real-{split}/metrics.json", split=REAL_SPLITS),
         expand("results/runs/{run}/train.done", run=CLASSIFIERS),
         RELEASE_METRICS,
-        code("report", "reference/paper_results.yaml"),
+        STABILITY_FILES,
+        SPEED_FILES,
+        code("report", "speed.py", "stability.py", "listening.py", "reference/paper_results.yaml"),
     output:
         TABLE_FILES,
         "results/report.html",

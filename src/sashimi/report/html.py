@@ -45,12 +45,23 @@ def _audio(groups: dict[str, list[Path]], out: Path) -> list[str]:
     return parts
 
 
+def _csv_table(csv: Path) -> str:
+    """A table written as CSV by its own module (speed, stability), titled by its .md."""
+    import pandas as pd
+
+    md = csv.with_suffix(".md")
+    title = md.read_text().splitlines()[0].lstrip("# ") if md.is_file() else csv.stem
+    body = pd.read_csv(csv).to_html(index=False, na_rep=MISSING, border=0)
+    return f"<h3>{html.escape(title)}</h3>{body}"
+
+
 def render_html(
     P: Params,
     tables: dict[str, Table],
     figures: list[Path],
     groups: dict[str, list[Path]],
     out: Path,
+    measured: list[Path] = (),
 ) -> str:
     e = html.escape
     parts = [
@@ -64,7 +75,9 @@ def render_html(
         "not re-read from the paper.</p>",
         "<h2>Tables</h2>",
     ]
-    parts += [to_html(tables[k], P) for k in TABLES if k in tables]
+    order = [k for k in TABLES if k in tables] + [k for k in tables if k not in TABLES]
+    parts += [to_html(tables[k], P) for k in order]
+    parts += [_csv_table(p) for p in measured]
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [

@@ -23,6 +23,8 @@ from sashimi.report.release import read_release_metrics, release_table
 from sashimi.report.render import to_csv, to_latex, to_markdown
 from sashimi.report.results import collect, read_json
 from sashimi.report.tables import Table, build_tables
+from sashimi.speed import write_speed_table
+from sashimi.stability import write_stability_table
 
 
 def all_tables(P: Params) -> dict[str, Table]:
@@ -73,9 +75,15 @@ def make_report(
     written["audio"] = [p for ps in groups.values() for p in ps]
     written["listening"] = write_listening_page(P, groups, out)
     written["figures"] = _figures(P, results, groups, out / "figures") if figures else []
+    measured = []  # tables of this machine's own measurements: speed, stability
+    for write in (write_speed_table, write_stability_table):
+        paths = write(out)
+        written["tables"] += [p for p in paths if p.suffix != ".png"]
+        written["figures"] += [p for p in paths if p.suffix == ".png"]
+        measured += [p for p in paths if p.suffix == ".csv"]
     report = out / "report.html"
     with atomic_write(report, "w") as f:
-        f.write(render_html(P, tables, written["figures"], groups, out))
+        f.write(render_html(P, tables, written["figures"], groups, out, measured))
     written["html"] = [report]
     return written
 

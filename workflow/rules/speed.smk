@@ -1,0 +1,34 @@
+# The speed table's measurements: one job per model kind times training and generation on the
+# machine the DAG runs on, beside the naive / official-style reference (`sashimi bench`).
+# `sashimi.speed.write_speed_table` turns results/bench/*.json into the table and figure.
+
+SPEED = P.raw.get("speed") or {}
+SPEED_KINDS = list(SPEED.get("runs") or {})
+SPEED_FILES = expand("results/bench/{kind}.json", kind=SPEED_KINDS)
+
+
+def speed_config(wc) -> str:
+    run = P.runs[SPEED["runs"][wc.kind]]
+    return stable({"scale": P.scale, "speed": {k: v for k, v in SPEED.items() if k != "runs"},
+                   "model": run.model_name, "kwargs": run.model,
+                   "s4_compile": run.train.s4_compile, "compile": run.sample.compile})
+
+
+rule speed:
+    input:
+        code("speed.py", "bench.py", "models", "ssm", "generation", "optim.py"),
+    output:
+        "results/bench/{kind}.json",
+    params:
+        config=speed_config,
+    threads: THREADS
+    resources:
+        gpu=GPU,
+    log:
+        "results/logs/speed/{kind}.log",
+    benchmark:
+        "results/logs/speed/{kind}.benchmark.tsv",
+    wildcard_constraints:
+        kind=one_of(SPEED_KINDS),
+    shell:
+        "sashimi speed --kind {wildcards.kind} > {log} 2>&1"
