@@ -1,4 +1,5 @@
-"""Shared test fixtures. `../shared` (fixtures, small real audio) is optional: tests skip without it."""
+"""Shared test fixtures. The official-code fixtures travel with the repository (tests/fixtures);
+`../shared` (small real audio, the reference copies) is optional: tests that need it skip."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SASHIMI_SHARED", ROOT.parent / "shared"))
+REPO_FIXTURES = ROOT / "tests" / "fixtures"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -17,16 +19,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is missing (official fixtures and real audio live there)")
+        pytest.skip(f"{SHARED} is missing (real audio and the reference copies live there)")
     return SHARED
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
-    d = shared_dir / "fixtures"
-    if not d.is_dir():
-        pytest.skip(f"{d} is missing")
-    return d
+def fixtures_dir() -> Path:
+    """The official-code fixtures: tests/fixtures in the repository, else ../shared/fixtures."""
+    for d in (REPO_FIXTURES, SHARED / "fixtures"):
+        if d.is_dir():
+            return d
+    pytest.skip(f"neither {REPO_FIXTURES} nor {SHARED / 'fixtures'} exists")
 
 
 @pytest.fixture(scope="session")
