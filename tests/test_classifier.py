@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -11,10 +12,31 @@ import pytest
 import torch
 
 from sashimi import classifier as C
+from sashimi import classifier_train as CT
+from sashimi.config import TrainConfig
 from sashimi.errors import UserError
 
 SR = 16000
 TINY = dict(width=0.0625, depth=11)  # 8 stem channels, 64-d features, ~0.1M parameters
+
+
+def _tc(**kw) -> TrainConfig:
+    """The paper's classifier recipe as a TrainConfig, with `kw` changed."""
+    paper = dict(
+        optimizer="sgd",
+        batch_size=96,
+        lr=1e-2,
+        momentum=0.9,
+        weight_decay=1e-2,
+        scheduler="plateau",
+        patience=5,
+        factor=0.1,
+        max_epochs=70,
+        num_workers=0,
+        augment=True,
+        precise_bn_batches=16,
+    )
+    return TrainConfig(**dict(paper, **kw))
 
 
 # ----------------------------------------------------------------------------- numpy oracle
@@ -162,23 +184,19 @@ def tone_data():
 @pytest.fixture(scope="module")
 def tone_model(tone_data, tmp_path_factory):
     """A tiny classifier trained for a few seconds; also leaves its checkpoint on disk."""
-    out = tmp_path_factory.mktemp("clf") / "best.pt"
+    ckpt_dir = tmp_path_factory.mktemp("clf")
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
     t0 = time.time()
-    model = C.train_classifier(
+    model = CT.train_classifier(
         C.LabelledWaves(xt, yt),
         C.LabelledWaves(xv, yv),
-        out,
-        epochs=5,
-        batch_size=16,
-        lr=0.02,
-        seed=0,
+        _tc(max_epochs=5, batch_size=16, lr=0.02, seed=0, augment=False),
+        TINY,
+        ckpt_dir=ckpt_dir,
         device="cpu",
         log=None,
-        augment=False,
-        **TINY,
     )  # pitch-shift augmentation would blur tone classes
-    return model, out, time.time() - t0
+    return model, ckpt_dir / "best.pt", time.time() - t0
 
 
 def test_tiny_classifier_learns_tones(tone_model, tone_data):
@@ -187,7 +205,7 @@ def test_tiny_classifier_learns_tones(tone_model, tone_data):
     acc = float((model.probs(torch.from_numpy(x)).argmax(-1).numpy() == y).mean())
     assert acc >= 0.9, acc
     assert (out.parent / "last.pt").is_file() and (out.parent / "train_log.csv").is_file()
-    ck = torch.load(out, weights_only=False)
+    ck = torch.load(out, weights_only=True)  # plain tensors and containers only
     assert ck["kind"] == "classifier" and ck["model_kwargs"]["width"] == TINY["width"]
     assert set(ck) >= {
         "model",
@@ -204,62 +222,73 @@ def test_tiny_classifier_learns_tones(tone_model, tone_data):
 def test_train_resumes_from_last(tone_data, tmp_path):
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
     tr, va = C.LabelledWaves(xt[:64], yt[:64]), C.LabelledWaves(xv[:20], yv[:20])
-    out, logs = tmp_path / "best.pt", []
-    C.train_classifier(tr, va, out, epochs=1, batch_size=32, device="cpu", log=logs.append, **TINY)
-    C.train_classifier(tr, va, out, epochs=2, batch_size=32, device="cpu", log=logs.append, **TINY)
+    logs = []
+    kw = dict(ckpt_dir=tmp_path, device="cpu", log=logs.append)
+    CT.train_classifier(tr, va, _tc(max_epochs=1, batch_size=32), TINY, **kw)
+    CT.train_classifier(tr, va, _tc(max_epochs=2, batch_size=32), TINY, **kw)
     assert any("resumed" in m for m in logs)
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["step"] == 4
     assert (tmp_path / "train_log.csv").read_text().count("validation") == 2
-    with pytest.raises(
-        UserError, match="trained with"
-    ):  # a different architecture refuses to resume
-        C.train_classifier(
-            tr, va, out, epochs=3, batch_size=32, device="cpu", log=None, width=0.125, depth=11
-        )
+    # a different architecture refuses an explicit resume, naming the key
+    with pytest.raises(UserError, match=r"model\.width changed 0\.0625 -> 0\.125"):
+        CT.train_classifier(
+            tr, va, _tc(max_epochs=3, batch_size=32), dict(width=0.125, depth=11),
+            resume=True, **kw,
+        )  # fmt: skip
 
 
 def test_augment_shapes_and_determinism():
     x = torch.from_numpy(_tones(8, 4)[0])
-    a, b = C.Augment(seed=3), C.Augment(seed=3)
+    a, b = CT.Augment(seed=3), CT.Augment(seed=3)
     ya, yb = a(x), b(x)
     assert ya.shape == x.shape and torch.equal(ya, yb) and not torch.equal(ya, x)
     assert ya.abs().max() <= 1.0
-    ident = C.Augment(seed=0, p=0.0)(x)  # nothing applied: identity
+    ident = CT.Augment(seed=0, p=0.0)(x)  # nothing applied: identity
     torch.testing.assert_close(ident, x.clamp(-1, 1))
     bank = [np.random.default_rng(0).normal(size=30000).astype(np.float32)]
-    assert C.Augment(seed=0, p=1.0, noise_bank=bank)(x).shape == x.shape
+    assert CT.Augment(seed=0, p=1.0, noise_bank=bank)(x).shape == x.shape
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_train_and_test(tone_data, tmp_path, tone_model):
+def _classifier_params(root: Path, train: dict) -> Path:
+    """params.yaml with one classifier run `clf` on the prepared folder data/prepared/tones."""
+    import yaml
+
+    raw = {
+        "scale": "demo",
+        "datasets": {"tones": {"format": "folder", "quantization": "mu-law", "clip_length": SR}},
+        "runs": {
+            "clf": {
+                "kind": "classifier",
+                "dataset": "tones",
+                "model": dict({"name": "resnext"}, **TINY),
+                "train": train,
+            }
+        },
+    }
+    p = root / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def test_cli_train_and_test(tone_data, tmp_path, tone_model, monkeypatch, capsys):
+    """`sashimi train --run` trains a classifier run from params.yaml alone; `sashimi
+    classifier test` scores a checkpoint; settings errors are one line naming the key."""
     from sashimi.cli import main
 
+    monkeypatch.chdir(tmp_path)
     prep = _write_prepared(
-        tmp_path / "prep", {k: (v[0][:40], v[1][:40]) for k, v in tone_data.items()}
+        tmp_path / "data" / "prepared" / "tones",
+        {k: (v[0][:40], v[1][:40]) for k, v in tone_data.items()},
     )
-    ckpt = tmp_path / "clf" / "model.pt"
-    rc = main(
-        [
-            "classifier",
-            "train",
-            "--prepared",
-            str(prep),
-            "--out",
-            str(ckpt),
-            "--width",
-            "0.0625",
-            "--depth",
-            "11",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "20",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0 and ckpt.is_file() and (tmp_path / "clf" / "model.last.pt").is_file()
+    recipe = dict(dataclasses.asdict(_tc(max_epochs=1, batch_size=20)), milestones=[])
+    _classifier_params(tmp_path, recipe)
+    assert main(["train", "--run", "clf", "--device", "cpu"]) == 0
+    ckpt = tmp_path / "results" / "runs" / "clf" / "checkpoints"
+    assert (ckpt / "best.pt").is_file() and (ckpt / "last.pt").is_file()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["run"] == "clf" and summary["epoch"] == 1 and summary["step"] == 2
     # test with the well-trained tone classifier
     rc = main(
         [
@@ -282,15 +311,18 @@ def test_cli_train_and_test(tone_data, tmp_path, tone_model):
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
     assert "| **0** |" in (tmp_path / "eval" / "confusion.md").read_text()
     assert (tmp_path / "eval" / "confusion.csv").read_text().count("\n") == 11
-    assert (
-        main(["classifier", "train", "--prepared", str(prep)]) == 2
-    )  # missing --out: one-line error
+    # a wrong optimiser for the classifier: a one-line error naming the key
+    _classifier_params(tmp_path, dict(recipe, optimizer="adamw"))
+    capsys.readouterr()
+    assert main(["train", "--run", "clf", "--device", "cpu", "--no-resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: runs.clf.train.optimizer: the classifier trains with 'sgd'"
 
 
 def test_run_config_resolution():
-    """`--run classifier-sc09` takes its numbers from params.yaml (demo and paper scales)."""
-    import argparse
-
+    """classifier-sc09's recipe comes from params.yaml alone (both scales); the command line
+    carries no hyper-parameters."""
+    from sashimi.cli import build_parser
     from sashimi.config import load_params
 
     root = Path(__file__).resolve().parents[1]
@@ -300,30 +332,22 @@ def test_run_config_resolution():
     P = load_params(params, scale="paper")
     if "classifier-sc09" not in P.runs:
         pytest.skip("no classifier-sc09 run in params.yaml")
-    ns = argparse.Namespace(
-        params=str(params),
-        run="classifier-sc09",
-        prepared=None,
-        out=None,
-        **{k: None for k in C._PAPER_DEFAULTS},
-    )
-    import os
-
-    old = os.environ.get("SASHIMI_SCALE")
-    try:
-        os.environ["SASHIMI_SCALE"] = "paper"
-        hyper, prepared, out, config = C._resolve_train_args(ns)
-        assert hyper["width"] == 1.0 and hyper["epochs"] == 70 and hyper["batch_size"] == 96
-        assert hyper["lr"] == 1e-2 and hyper["momentum"] == 0.9 and hyper["weight_decay"] == 1e-2
-        assert out == Path("results/runs/classifier-sc09/checkpoints/best.pt")
-        assert prepared == P.datasets[P.run("classifier-sc09").dataset].prepared_dir
-        ns.width = 0.5
-        assert C._resolve_train_args(ns)[0]["width"] == 0.5  # the command line wins
-    finally:
-        if old is None:
-            os.environ.pop("SASHIMI_SCALE", None)
-        else:
-            os.environ["SASHIMI_SCALE"] = old
+    rc = P.run("classifier-sc09")
+    tc = rc.train
+    assert rc.kind == "classifier" and rc.model == {"width": 1.0, "depth": 29}
+    assert tc.max_epochs == 70 and tc.batch_size == 96 and tc.max_steps is None
+    assert tc.optimizer == "sgd" and tc.scheduler == "plateau"
+    assert tc.lr == 1e-2 and tc.momentum == 0.9 and tc.weight_decay == 1e-2
+    assert tc.patience == 5 and tc.factor == 0.1
+    assert tc.augment is True and tc.precise_bn_batches == 16
+    assert rc.run_dir / "checkpoints" == Path("results/runs/classifier-sc09/checkpoints")
+    demo = load_params(params, scale="demo").run("classifier-sc09")
+    assert demo.model == {"width": 0.125, "depth": 11} and demo.train.max_epochs == 8
+    assert demo.train.max_steps is None  # the demo's 30-step cap is for generative runs
+    for argv in (["classifier", "train", "--run", "classifier-sc09"],
+                 ["train", "--run", "classifier-sc09", "--width", "0.5"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            build_parser(argv[0]).parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -429,19 +453,14 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
     ref = _write_prepared(tmp_path / "fsdd", {"train": (xtr, labels[tr])})
     perm = np.random.default_rng(0).permutation(len(tr))
     val, fit = perm[:75], perm[75:]
-    model = C.train_classifier(
+    model = CT.train_classifier(
         C.LabelledWaves(xtr, labels[tr], indices=fit),
         C.LabelledWaves(xtr, labels[tr], indices=val),
-        None,
-        epochs=8,  # a step budget, not a time budget: the same model on a busy machine
-        max_minutes=None,
-        batch_size=32,
-        lr=0.05,
-        augment=False,
-        precise_bn_batches=4,
+        # an epoch budget, not a time budget: the same model on a busy machine
+        _tc(max_epochs=8, batch_size=32, lr=0.05, augment=False, precise_bn_batches=4),
+        TINY,
         device="cpu",
         log=None,
-        **TINY,
     )
     rng = np.random.default_rng(0)
     held = C.score_samples(xte, model, ref, autoregressive=False)
@@ -465,7 +484,7 @@ def test_recalibrate_bn_is_the_plain_average():
     x = torch.randn(64, 3) * 3 + 1
     data = torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long))
     net.eval()
-    C.recalibrate_bn(net, data, n_batches=4, batch_size=16, seed=0)
+    CT.recalibrate_bn(net, data, n_batches=4, batch_size=16, seed=0)
     bn = net[1]
     with torch.no_grad():
         h = net[0](x)  # all 64 rows are used (4 x 16), in some order

@@ -45,8 +45,13 @@ def test_every_paper_run_is_present():
     for n in (2, 4, 6):
         assert P.run(f"sashimi-{n}l-youtubemix").model["n_layers"] == n
     assert P.run("wavenet-512-youtubemix").model["skip_channels"] == 512
-    for k in ("diffwave-wavenet-sc09", "diffwave-sashimi-sc09", "diffwave-wavenet-small-sc09",
-              "diffwave-sashimi-small-sc09", "classifier-sc09"):
+    for k in (
+        "diffwave-wavenet-sc09",
+        "diffwave-sashimi-sc09",
+        "diffwave-wavenet-small-sc09",
+        "diffwave-sashimi-small-sc09",
+        "classifier-sc09",
+    ):
         assert k in P.runs
 
 
@@ -64,7 +69,9 @@ def test_unknown_key_names_its_path(tmp_path):
 
 def test_wrong_type_names_its_path(tmp_path):
     p = _write(tmp_path, lambda r: r["runs"]["wavenet-sc09"]["train"].update(lr="fast"))
-    with pytest.raises(UserError, match=r"runs\.wavenet-sc09\.train\.lr: 'fast' is not of type 'number'"):
+    with pytest.raises(
+        UserError, match=r"runs\.wavenet-sc09\.train\.lr: 'fast' is not of type 'number'"
+    ):
         load_params(p, check_models=False)
 
 
@@ -123,17 +130,33 @@ def test_example_params_files_validate():
     assert P.run("sashimi-fsdd").sample.compile is False
 
 
-def test_s4_compile_mode_overrides_the_environment(monkeypatch):
+def test_s4_compile_mode_is_set_on_the_model_not_the_environment(monkeypatch):
+    from sashimi.models.sashimi import SaShiMi
     from sashimi.ssm import kernels
 
-    monkeypatch.setenv("SASHIMI_COMPILE", "1")
-    try:
-        kernels.set_compile_mode("never")
-        assert not kernels.compile_enabled(1 << 30, "cpu")
-        kernels.set_compile_mode("always")
-        assert kernels.compile_enabled(1, "cpu") or kernels._compile_broken
-        with pytest.raises(UserError, match="sometimes"):
-            kernels.set_compile_mode("sometimes")
-    finally:
-        kernels.set_compile_mode(None)
-    assert kernels.compile_enabled(1, "cpu") or kernels._compile_broken
+    monkeypatch.setenv("SASHIMI_COMPILE", "1")  # no longer read
+    m = SaShiMi(d_model=8, n_layers=1)
+    kernels.set_compile_mode(m, "never")
+    modes = [x.compile_mode for x in m.modules() if hasattr(x, "compile_mode")]
+    # 3 stages of [S4, FF]: per stage an S4Block, its S4Kernel and two ChannelNorms
+    assert len(modes) == 3 * 4 and set(modes) == {"never"}
+    assert not kernels.compile_enabled("never", 1 << 30, "cpu")
+    assert kernels.compile_enabled("always", 1, "cpu") or kernels._compile_broken
+    assert not kernels.compile_enabled("auto", 1 << 30, "cpu")  # auto: CUDA only
+    with pytest.raises(UserError, match="sometimes"):
+        kernels.set_compile_mode(m, "sometimes")
+
+
+def test_val_every_epoch_and_max_epochs(tmp_path):
+    def mutate(r):
+        r["runs"]["sashimi-sc09"]["train"].update(val_every="epoch", max_epochs=3)
+
+    P = load_params(_write(tmp_path, mutate), scale="paper", check_models=False)
+    tc = P.run("sashimi-sc09").train
+    assert tc.val_every == "epoch" and tc.max_epochs == 3
+    p = _write(tmp_path, lambda r: r["runs"]["sashimi-sc09"]["train"].update(val_every="weekly"))
+    with pytest.raises(UserError, match=r"runs\.sashimi-sc09\.train\.val_every: 'weekly'"):
+        load_params(p, check_models=False)
+    p = _write(tmp_path, lambda r: r["runs"]["sashimi-sc09"]["train"].update(max_epochs=0))
+    with pytest.raises(UserError, match=r"runs\.sashimi-sc09\.train\.max_epochs: 0"):
+        load_params(p, check_models=False)

@@ -28,8 +28,8 @@ TESTS = Path(__file__).resolve().parent
 class TinyAR(nn.Module):
     """A causal conv language model over 8-bit tokens with the AR interface.
 
-    context = kernel - 1; a `kernel.log_dt` parameter stands in for an S4 kernel parameter and
-    `gain` carries the `_optim` convention. `nan_after` makes training logits NaN after that
+    context = kernel - 1; a `kernel.log_dt` parameter, declared in `ssm_parameter_names`, stands
+    in for an S4 kernel parameter. `nan_after` makes training logits NaN after that
     many training forwards; `sleep` slows each training forward (kill tests).
     """
 
@@ -42,8 +42,8 @@ class TinyAR(nn.Module):
         self.conv = nn.Conv1d(d_model, d_model, kernel)
         self.kernel = nn.Module()
         self.kernel.log_dt = nn.Parameter(torch.zeros(d_model))
+        self.kernel.ssm_parameter_names = ("log_dt",)
         self.gain = nn.Parameter(torch.ones(1))
-        self.gain._optim = {"lr": 1e-4, "weight_decay": 0.0}
         self.norm = nn.LayerNorm(d_model)
         self.out = nn.Linear(d_model, 256)
         self.nan_after, self.sleep, self.calls = nan_after, sleep, 0
@@ -262,11 +262,9 @@ def test_param_groups_ssm_lr_and_no_decay():
     assert groups["ssm"]["lr"] == 1e-3 and groups["ssm"]["weight_decay"] == 0.0
     assert {id(model.conv.weight), id(model.out.weight), id(model.embedding.weight)} == ids["decay"]
     assert groups["decay"]["weight_decay"] == 0.1 and groups["decay"]["lr"] == 3e-3
-    for p in (model.conv.bias, model.norm.weight, model.norm.bias, model.out.bias):
+    for p in (model.conv.bias, model.norm.weight, model.norm.bias, model.out.bias, model.gain):
         assert id(p) in ids["no_decay"]
     assert groups["no_decay"]["weight_decay"] == 0.0
-    special = [g for n, g in groups.items() if n.startswith("optim:")]
-    assert len(special) == 1 and special[0]["params"][0] is model.gain and special[0]["lr"] == 1e-4
     n_params = sum(len(g["params"]) for g in groups.values())
     assert n_params == len(list(model.parameters()))
 
@@ -279,12 +277,13 @@ def test_param_groups_ssm_lr_and_no_decay():
     assert isinstance(opt, torch.optim.AdamW)
 
 
-def test_ssm_param_names_match_kernel_modules_only():
-    from sashimi.optim import is_ssm_param
+def test_ssm_parameters_are_the_declared_ones_only():
+    from sashimi.optim import ssm_parameters
 
-    assert is_ssm_param("c_layers.0.layer.kernel.log_dt")
-    assert is_ssm_param("layers.3.kernel.P") and is_ssm_param("x.kernel.A_imag")
-    assert not is_ssm_param("layers.3.P") and not is_ssm_param("kernel.C") and not is_ssm_param("B")
+    model = TinyAR()
+    assert ssm_parameters(model) == {id(model.kernel.log_dt)}
+    del model.kernel.ssm_parameter_names  # same name, undeclared: an ordinary parameter
+    assert ssm_parameters(model) == set()
 
 
 def test_schedulers_plateau_cosine_constant():
@@ -327,7 +326,7 @@ def test_schedulers_plateau_cosine_constant():
 
 def test_epoch_batches_are_a_function_of_seed_and_epoch():
     from sashimi.distributed import Dist, shard
-    from sashimi.train import epoch_batches
+    from sashimi.train_data import epoch_batches
 
     a, b = epoch_batches(10, 4, 0, 3), epoch_batches(10, 4, 0, 3)
     assert len(a) == 2 and all((x == y).all() for x, y in zip(a, b))
@@ -486,7 +485,7 @@ def test_resume_follows_config_changes(workdir, capsys):
 
 
 def test_config_change_helpers():
-    from sashimi.train import config_change, training_config
+    from sashimi.resume import config_change, training_config
 
     raw = {"dataset": "d", "model": {"name": "x", "d": 1}, "train": {"lr": 1e-3, "max_steps": 5}}
     a = training_config(raw)
@@ -572,29 +571,98 @@ def test_imported_checkpoint_is_accepted(workdir):
     )
 
 
-def test_classifier_runs_are_delegated(workdir, monkeypatch):
-    import sashimi.classifier as C
+def test_classifier_runs_take_the_same_path(workdir, monkeypatch):
+    """`sashimi train --run` trains classifier runs too, with the run's own TrainConfig (no
+    argument namespace in between); budget overrides apply to it like to any run."""
+    import sashimi.classifier_train as CT
 
     got = {}
 
-    def fake_run(ns):
-        got.update(vars(ns))
-        return 0
+    def fake_run(P, run, *, device, resume):
+        got.update(run=run, device=device, resume=resume)
+        return {"run": run.key}
 
-    monkeypatch.setattr(C, "run", fake_run)
+    monkeypatch.setattr(CT, "train_classifier_run", fake_run)
     write_params(
         workdir,
         {
             "clf": {
                 "kind": "classifier",
                 "dataset": "tiny",
-                "model": {"name": "resnext"},
-                "train": {"optimizer": "sgd"},
+                "model": {"name": "resnext", "width": 0.0625, "depth": 11},
+                "train": {"optimizer": "sgd", "max_epochs": 2, "augment": True},
             }
         },
     )
-    assert cli("train", "--run", "clf", "--max-steps", "3") == 0
-    assert got["classifier_cmd"] == "train" and got["run"] == "clf" and got["max_steps"] == 3
+    assert cli("train", "--run", "clf", "--max-steps", "3", "--resume") == 0
+    run = got["run"]
+    assert run.kind == "classifier" and run.model == {"width": 0.0625, "depth": 11}
+    assert run.train.max_steps == 3 and run.train.max_epochs == 2 and run.train.augment is True
+    assert run.train.optimizer == "sgd" and got["resume"] is True
+    assert got["device"].type in ("cpu", "cuda")
+
+
+def test_classifier_only_settings_are_refused_elsewhere(workdir, capsys):
+    write_params(workdir, {"tiny": tiny_run(train={"augment": True})})
+    assert cli("train", "--run", "tiny") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: runs.tiny.train.augment: only classifier runs use it"
+
+
+def test_val_every_epoch_validates_and_steps_plateau_once_per_epoch(workdir):
+    """12 clips in batches of 4: 3 steps per epoch. Validation (and the plateau step) at the end
+    of each epoch; best.pt is the lowest of those validations."""
+    train = {
+        "max_steps": None,
+        "max_epochs": 3,
+        "val_every": "epoch",
+        "scheduler": "plateau",
+        "patience": 0,
+        "factor": 0.5,
+        "ckpt_every": 100,
+    }
+    write_params(workdir, {"tiny": tiny_run(train=train)})
+    assert cli("train", "--run", "tiny") == 0
+    rows = read_log(workdir / "results/runs/tiny")
+    val = [r for r in rows if r["split"] == "validation"]
+    assert [int(r["step"]) for r in val] == [3, 6, 9]
+    last, best = _ckpt(workdir), _ckpt(workdir, name="best.pt")
+    assert last["step"] == 9 and last["epoch"] == 2 and last["batch_in_epoch"] == 3
+    assert last["scheduler"]["last_epoch"] == 3  # three plateau steps, one per epoch
+    losses = [float(r["loss"]) for r in val]
+    assert best["step"] == [3, 6, 9][int(np.argmin(losses))]
+    assert best["best_val"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_max_epochs_counts_over_resumes_and_a_budget_stop_keeps_the_schedule(workdir, capsys):
+    """max_epochs is a budget: raising it continues the run. A run stopped mid-epoch (extra
+    validation, no plateau step) and resumed ends where an uninterrupted one does."""
+    train = {
+        "max_steps": None,
+        "max_epochs": 2,
+        "val_every": "epoch",
+        "scheduler": "plateau",
+        "patience": 0,
+        "factor": 0.5,
+        "ckpt_every": 100,
+    }
+    write_params(workdir, {"a": tiny_run(train=train), "b": tiny_run(train=train)})
+    assert cli("train", "--run", "a", "--max-steps", "4") == 0
+    assert _ckpt(workdir, "a")["step"] == 4
+    assert cli("train", "--run", "a") == 0 and cli("train", "--run", "b") == 0
+    a, b = _ckpt(workdir, "a"), _ckpt(workdir, "b")
+    assert a["step"] == b["step"] == 6
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    steps = [int(r["step"]) for r in read_log(workdir / "results/runs/a") if r["split"] != "train"]
+    assert steps == [3, 4, 6]  # the stop at step 4 validated too
+
+    write_params(workdir, {"a": tiny_run(train=dict(train, max_epochs=3))})
+    capsys.readouterr()
+    assert cli("train", "--run", "a") == 0
+    assert "resuming a from step 6" in capsys.readouterr().err
+    assert _ckpt(workdir, "a")["step"] == 9
 
 
 # ============================================================================ the real models

@@ -10,19 +10,14 @@ padding, power 2 -> dB relative to the clip's maximum (amin 1e-10, top_db 80).
 `width` scales every channel count (width 0.125 is a CPU-sized model; `feature_dim` scales
 with it); `depth` = 9 b + 2 gives b bottleneck blocks per stage (29 -> 3).
 
-Training follows the paper's recipe (SGD momentum 0.9, wd 1e-2, lr 1e-2, batch 96, plateau
-schedule, class-balanced sampling, augmentation) with one addition: before each validation the
-BatchNorm statistics are re-estimated on clean training batches (`recalibrate_bn`, "precise
-BN"; `--precise-bn-batches 0` turns it off). It changes only BN buffers; without it short
-runs validate far below their real accuracy (see `recalibrate_bn`).
+Training (`sashimi train --run classifier-sc09`, recipe in params.yaml) lives in
+`classifier_train`.
 
-CLI (`sashimi classifier ...`):
-    train --prepared DIR --out CKPT [--width W] [--epochs E] [--max-minutes M] ...
-    train --run classifier-sc09            (numbers from params.yaml)
-    test  --ckpt CKPT --prepared DIR --out DIR   (accuracy, confusion matrix csv/md/png)
+CLI: `sashimi classifier test --run RUN` (or --ckpt CKPT --prepared DIR --out DIR): accuracy
+and confusion matrix (csv / md / png).
 
-Library: `DigitClassifier`, `load_classifier`, `train_classifier`, `score_samples`,
-`score_real_split`, `reference_stats`.
+Library: `DigitClassifier`, `load_classifier`, `score_samples`, `score_real_split`,
+`reference_stats`.
 """
 
 from __future__ import annotations
@@ -32,11 +27,7 @@ import csv
 import hashlib
 import io
 import json
-import math
-import random
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +234,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
-    """Build a DigitClassifier from a checkpoint (a file, or a folder holding best.pt / last.pt)."""
+    """A DigitClassifier from a checkpoint file, or a folder holding best.pt, last.pt or
+    imported.pt: ours (torch.load weights_only, nothing more) or the authors' released
+    `resnext.pth` (DataParallel-wrapped or bare; inert stand-ins, see released_classifier)."""
+    from sashimi.released_classifier import is_released_file, load_released
+    from sashimi.safe_load import load_weights
+
     path = Path(path)
     if path.is_dir():
         for cand in (
@@ -251,24 +247,27 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
             path / "checkpoints" / "best.pt",
             path / "last.pt",
             path / "checkpoints" / "last.pt",
+            path / "imported.pt",
+            path / "checkpoints" / "imported.pt",
         ):
             if cand.is_file():
                 path = cand
                 break
         else:
-            raise UserError(f"{path}: no best.pt or last.pt in this folder")
+            raise UserError(f"{path}: no best.pt, last.pt or imported.pt in this folder")
     if not path.is_file():
         raise UserError(f"{path}: classifier checkpoint not found")
-    blob = path.read_bytes()
-    try:
-        ckpt = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("model_name") != MODEL_NAME:
-        raise UserError(f"{path}: not a digit-classifier checkpoint (model_name != {MODEL_NAME!r})")
-    model = DigitClassifier(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    model.checkpoint_sha256 = hashlib.sha256(blob).hexdigest()
+    if is_released_file(path):
+        model, _ = load_released(path)
+    else:
+        ckpt = load_weights(path, map_location)
+        if not isinstance(ckpt, dict) or ckpt.get("model_name") != MODEL_NAME:
+            raise UserError(
+                f"{path}: not a digit-classifier checkpoint (model_name != {MODEL_NAME!r})"
+            )
+        model = DigitClassifier(**ckpt["model_kwargs"])
+        model.load_state_dict(ckpt["model"])
+    model.checkpoint_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return model.to(map_location).eval()
 
 
@@ -316,121 +315,6 @@ def read_clips(paths: Sequence[str | Path], length: int = CLIP_LENGTH) -> np.nda
     return out
 
 
-# ============================================================================ augmentation
-class Augment:
-    """Waveform augmentations (SPEC: amplitude, speed/pitch, time shift, background noise).
-
-    Each is applied to a random half of the batch (probability `p`), per example:
-    - amplitude: gain ~ U[gain_range];
-    - speed and pitch together, by resampling: y(t) = x(s t), s ~ U[1 - max_speed, 1 + max_speed]
-      (linear interpolation, zero outside the clip);
-    - time shift by ~ U[-max_shift_s, max_shift_s] seconds (zero fill);
-    - background noise at SNR ~ U[snr_db]: from `noise_bank` clips (e.g. Speech Commands'
-      _background_noise_), random 1 s segments, or else synthetic coloured noise with power
-      spectrum ~ f^-beta, beta ~ U[0, 2] (white to brown).
-    Random draws use a CPU generator (seeded, checkpointed); the maths runs on wav's device.
-    """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        p: float = 0.5,
-        gain_range: tuple[float, float] = (0.7, 1.1),
-        max_speed: float = 0.2,
-        max_shift_s: float = 0.2,
-        snr_db: tuple[float, float] = (0.0, 30.0),
-        noise_bank: np.ndarray | None = None,
-        sample_rate: int = SAMPLE_RATE,
-    ):
-        self.p, self.gain_range, self.max_speed = p, gain_range, max_speed
-        self.max_shift = max_shift_s * sample_rate
-        self.snr_db, self.noise_bank = snr_db, noise_bank
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _u(self, B: int, lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(B, generator=self.generator, dtype=torch.float64)
-
-    def _on(self, B: int) -> torch.Tensor:
-        return torch.rand(B, generator=self.generator) < self.p
-
-    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
-        B, L = wav.shape
-        dev = wav.device
-        gain = torch.where(
-            self._on(B), self._u(B, *self.gain_range), torch.ones(B, dtype=torch.float64)
-        )
-        speed = torch.where(
-            self._on(B),
-            self._u(B, 1 - self.max_speed, 1 + self.max_speed),
-            torch.ones(B, dtype=torch.float64),
-        )
-        shift = torch.where(
-            self._on(B),
-            self._u(B, -self.max_shift, self.max_shift),
-            torch.zeros(B, dtype=torch.float64),
-        )
-        # y(t) = x(s (t - shift)): one linear-interpolation gather for speed/pitch and shift
-        t = torch.arange(L, dtype=torch.float64)
-        pos = (speed[:, None] * (t[None, :] - shift[:, None])).to(dev)  # (B, L)
-        i0 = torch.floor(pos)
-        frac = (pos - i0).to(wav.dtype)
-        i0 = i0.long()
-        x0 = wav.gather(1, i0.clamp(0, L - 1)) * ((i0 >= 0) & (i0 < L))  # (B, L)
-        x1 = wav.gather(1, (i0 + 1).clamp(0, L - 1)) * ((i0 + 1 >= 0) & (i0 + 1 < L))
-        y = (1 - frac) * x0 + frac * x1
-        y = y * gain.to(dev, wav.dtype)[:, None]
-        noisy = self._on(B)
-        if noisy.any():
-            idx = noisy.nonzero().squeeze(1)
-            noise = self._noise(len(idx), L).to(dev, wav.dtype)  # (b, L)
-            snr = self._u(len(idx), *self.snr_db).to(dev, wav.dtype)
-            p_sig = y[idx].pow(2).mean(1).clamp_min(1e-8)  # (b,)
-            p_noise = noise.pow(2).mean(1).clamp_min(1e-12)
-            scale = torch.sqrt(p_sig / (p_noise * 10 ** (snr / 10)))
-            y = y.index_add(0, idx, noise * scale[:, None])
-        return y.clamp(-1.0, 1.0)
-
-    def _noise(self, b: int, L: int) -> torch.Tensor:
-        if self.noise_bank is not None and len(self.noise_bank):
-            out = torch.zeros(b, L)
-            for k in range(b):
-                clip = self.noise_bank[
-                    int(torch.randint(len(self.noise_bank), (1,), generator=self.generator))
-                ]
-                start = int(
-                    torch.randint(max(1, len(clip) - L + 1), (1,), generator=self.generator)
-                )
-                seg = torch.as_tensor(np.asarray(clip[start : start + L], dtype=np.float32))
-                out[k, : len(seg)] = seg
-            return out
-        white = torch.randn(b, L, generator=self.generator)  # (b, L)
-        beta = self._u(b, 0.0, 2.0).float()
-        f = torch.fft.rfftfreq(L).clamp_min(1.0 / L)  # (L//2+1,)
-        shaped = torch.fft.rfft(white) * f[None, :] ** (-beta[:, None] / 2)
-        return torch.fft.irfft(shaped, n=L)  # (b, L)
-
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, s: torch.Tensor) -> None:
-        self.generator.set_state(s)
-
-
-def load_noise_dir(noise_dir: str | Path) -> list[np.ndarray]:
-    """Every .wav under `noise_dir`, at 16 kHz (for the background-noise augmentation)."""
-    files = sorted(Path(noise_dir).rglob("*.wav"))
-    if not files:
-        raise UserError(f"{noise_dir}: no .wav files for background noise")
-    out = []
-    for f in files:
-        x, sr = read_audio(f)
-        t = torch.from_numpy(x)
-        if sr != SAMPLE_RATE:
-            t = torchaudio.functional.resample(t, sr, SAMPLE_RATE)
-        out.append(t.numpy())
-    return out
-
-
 # ============================================================================ training
 def evaluate_accuracy(
     model: DigitClassifier,
@@ -452,263 +336,6 @@ def evaluate_accuracy(
     return sum(losses) / len(targets_a), float((preds_a == targets_a).mean()), preds_a, targets_a
 
 
-def recalibrate_bn(
-    model: nn.Module,
-    data: torch.utils.data.Dataset,
-    n_batches: int,
-    batch_size: int,
-    seed: int,
-    device: str | torch.device = "cpu",
-) -> None:
-    """Re-estimate every BatchNorm's running mean/var as the plain average over `n_batches`
-    random clean batches of `data` with the current weights ("precise BN").
-
-    The exponential running averages lag the weights while the learning rate is high, and on
-    small data eval-mode accuracy can then fall far below train-mode accuracy (seen on FSDD:
-    53% vs 95% on validation; 93% after recalibration). Only BN buffers change."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_batches <= 0:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    subset = torch.utils.data.Subset(data, idx[: n_batches * batch_size].tolist())
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for x, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size):
-            model(x.to(device))
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    model.train(was_training)
-
-
-def _checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
-    """best (== out), last and log paths for `--out CKPT`."""
-    out = Path(out)
-    if out.name == "best.pt":
-        last = out.with_name("last.pt")
-        log = (
-            out.parent.parent if out.parent.name == "checkpoints" else out.parent
-        ) / "train_log.csv"
-    else:
-        last = out.with_name(out.stem + ".last" + (out.suffix or ".pt"))
-        log = out.with_name(out.stem + ".log.csv")
-    return out, last, log
-
-
-def _save(path: Path, obj: dict) -> None:
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def train_classifier(
-    train_set: LabelledWaves,
-    val_set: LabelledWaves,
-    out: str | Path | None = None,
-    *,
-    width: float = 1.0,
-    depth: int = 29,
-    epochs: int = 70,
-    max_minutes: float | None = None,
-    max_steps: int | None = None,
-    batch_size: int = 96,
-    lr: float = 1e-2,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-2,
-    patience: int = 5,
-    factor: float = 0.1,
-    seed: int = 0,
-    augment: bool = True,
-    noise_bank: Sequence[np.ndarray] | None = None,
-    precise_bn_batches: int = 16,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    config: dict | None = None,
-    log: Callable[[str], None] | None = print,
-) -> DigitClassifier:
-    """SGD (momentum, weight decay), ReduceLROnPlateau on validation loss, class-balanced
-    sampling, augmentation; validates every epoch, after re-estimating the BatchNorm statistics
-    on `precise_bn_batches` clean training batches (`recalibrate_bn`; 0 keeps the running
-    averages, as the official recipe does). With `out`, writes `last` (every epoch,
-    resumed from if present) and `best` (by validation accuracy, ties by loss) atomically.
-    Stops after `epochs`, `max_steps` optimiser steps or `max_minutes` (total over resumes).
-    Returns the best model (eval mode)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    log = log or (lambda s: None)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    kwargs = dict(width=width, depth=depth)
-    model = DigitClassifier(**kwargs).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=factor, patience=patience
-    )
-    targets = train_set.targets()
-    if np.any((targets < 0) | (targets >= N_CLASSES)):
-        raise UserError(
-            f"training labels must be digits 0-9, got {sorted(set(targets.tolist()))[:5]}..."
-        )
-    counts = np.bincount(targets, minlength=N_CLASSES).astype(np.float64)
-    weights = 1.0 / np.maximum(counts[targets], 1.0)  # class-balanced sampling
-    sampler_gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.WeightedRandomSampler(
-        torch.as_tensor(weights), len(targets), replacement=True, generator=sampler_gen
-    )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=len(targets) > batch_size,
-    )
-    aug = Augment(seed=seed + 1, noise_bank=noise_bank) if augment else None
-
-    best_path = last_path = log_path = None
-    epoch, step, elapsed, best_val = 0, 0, 0.0, (-1.0, math.inf)
-    rows: list[dict] = []
-    if out is not None:
-        best_path, last_path, log_path = _checkpoint_paths(Path(out))
-        if last_path.is_file():
-            ck = torch.load(last_path, map_location=device, weights_only=False)
-            if ck.get("model_kwargs") != {**model.config, **kwargs}:
-                raise UserError(
-                    f"{last_path}: was trained with {ck.get('model_kwargs')}, not {model.config}; "
-                    "delete it or pick another --out"
-                )
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            epoch, step, elapsed = ck["epoch"], ck["step"], ck["elapsed_s"]
-            best_val = tuple(ck["best_val"])
-            rows = ck.get("log", [])
-            _set_rng(ck["rng"], sampler_gen, aug)
-            log(f"resumed from {last_path} at epoch {epoch}, step {step}")
-
-    def budget_left() -> bool:
-        if max_minutes is not None and elapsed + (time.time() - t0) >= 60 * max_minutes:
-            return False
-        return max_steps is None or step < max_steps
-
-    t0 = time.time()
-    while epoch < epochs and budget_left():
-        model.train()
-        tot, n_seen, correct = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if aug is not None:
-                x = aug(x)  # (B, 16000)
-            logits = model(x)  # (B, 10)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            tot += loss.item() * len(y)
-            n_seen += len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            if not budget_left():
-                break
-        epoch += 1
-        recalibrate_bn(model, train_set, precise_bn_batches, batch_size, seed + epoch, device)
-        val_loss, val_acc, _, _ = evaluate_accuracy(model, val_set, device=device)
-        sched.step(val_loss)
-        now = elapsed + time.time() - t0
-        lr_now = opt.param_groups[0]["lr"]
-        rows += [
-            dict(
-                step=step,
-                epoch=epoch,
-                split="train",
-                loss=tot / max(n_seen, 1),
-                accuracy=correct / max(n_seen, 1),
-                lr=lr_now,
-                elapsed_s=now,
-            ),
-            dict(
-                step=step,
-                epoch=epoch,
-                split="validation",
-                loss=val_loss,
-                accuracy=val_acc,
-                lr=lr_now,
-                elapsed_s=now,
-            ),
-        ]
-        log(
-            f"epoch {epoch} step {step}: train loss {tot / max(n_seen, 1):.4f} "
-            f"acc {correct / max(n_seen, 1):.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
-            f"| lr {lr_now:.2e} | {now:.0f}s"
-        )
-        improved = (val_acc, -val_loss) > (best_val[0], -best_val[1])
-        if improved:
-            best_val = (val_acc, val_loss)
-        if out is not None:
-            ck = dict(
-                model=model.state_dict(),
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                rng=_get_rng(sampler_gen, aug),
-                step=step,
-                epoch=epoch,
-                best_val=list(best_val),
-                elapsed_s=now,
-                config=config or {},
-                model_name=MODEL_NAME,
-                model_kwargs=dict(model.config),
-                kind="classifier",
-                val_accuracy=val_acc,
-                val_loss=val_loss,
-                log=rows,
-            )
-            if improved:
-                _save(best_path, ck)
-            _save(last_path, ck)
-            _write_log(log_path, rows)
-        elif improved:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if out is not None and best_path.is_file():
-        return load_classifier(best_path, map_location=device)
-    if out is None and best_val[0] >= 0:
-        model.load_state_dict(best_state)
-    return model.eval()
-
-
-def _get_rng(sampler_gen: torch.Generator, aug: Augment | None) -> dict:
-    rng = dict(
-        torch=torch.get_rng_state(),
-        numpy=np.random.get_state(),
-        python=random.getstate(),
-        sampler=sampler_gen.get_state(),
-        augment=aug.state() if aug else None,
-    )
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng(rng: dict, sampler_gen: torch.Generator, aug: Augment | None) -> None:
-    torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    sampler_gen.set_state(rng["sampler"].cpu())
-    if aug is not None and rng.get("augment") is not None:
-        aug.set_state(rng["augment"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    cols = ["step", "epoch", "split", "loss", "accuracy", "lr", "elapsed_s"]
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def labelled_split(prepared_dir: str | Path, split: str) -> LabelledWaves:
     s = load_split(prepared_dir, split)
     labels = np.asarray(s.labels, dtype=np.int64)
@@ -718,24 +345,6 @@ def labelled_split(prepared_dir: str | Path, split: str) -> LabelledWaves:
             f"(found {int((labels < 0).sum())} unknown)"
         )
     return LabelledWaves(s, labels)
-
-
-def _train_val(
-    prepared_dir: Path, seed: int, log: Callable[[str], None]
-) -> tuple[LabelledWaves, LabelledWaves]:
-    train = labelled_split(prepared_dir, "train")
-    if len(train) == 0:
-        raise UserError(f"{prepared_dir}: the train split is empty")
-    if split_exists(prepared_dir, "validation") and len(load_split(prepared_dir, "validation")):
-        return train, labelled_split(prepared_dir, "validation")
-    # no validation split: hold out 10% of train (seeded), stratification not needed at this scale
-    perm = np.random.RandomState(seed).permutation(len(train))
-    n_val = max(1, len(train) // 10)
-    log(f"{prepared_dir}: no validation split; holding out {n_val} train clips for validation")
-    return (
-        LabelledWaves(train.source, train.labels, indices=np.sort(perm[n_val:])),
-        LabelledWaves(train.source, train.labels, indices=np.sort(perm[:n_val])),
-    )
 
 
 # ============================================================================ scoring
@@ -915,42 +524,6 @@ def score_real_split(
 # ============================================================================ CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="classifier_cmd", metavar="CMD", required=True)
-    t = sub.add_parser("train", help="train the digit classifier on a prepared dataset")
-    t.add_argument(
-        "--run", help="run key in params.yaml (e.g. classifier-sc09): numbers and paths from there"
-    )
-    t.add_argument(
-        "--prepared", type=Path, help="prepared dataset folder (train/validation splits, labels)"
-    )
-    t.add_argument(
-        "--out", type=Path, help="best checkpoint path (last checkpoint and log beside it)"
-    )
-    t.add_argument("--width", type=float, help="channel width multiplier (paper 1.0)")
-    t.add_argument("--depth", type=int, help="ResNeXt depth 9b+2 (paper 29)")
-    t.add_argument("--epochs", type=int, help="epochs (paper 70)")
-    t.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes (over resumes)")
-    t.add_argument("--max-steps", type=int, help="optimiser-step budget")
-    t.add_argument("--batch-size", type=int, help="batch size (paper 96)")
-    t.add_argument("--lr", type=float, help="SGD learning rate (paper 1e-2)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    t.add_argument("--weight-decay", type=float, help="weight decay (1e-2)")
-    t.add_argument("--patience", type=int, help="plateau patience in epochs (5)")
-    t.add_argument("--factor", type=float, help="plateau lr factor (0.1)")
-    t.add_argument("--seed", type=int, help="seed (0)")
-    t.add_argument("--num-workers", type=int, help="data-loader workers (0)")
-    t.add_argument(
-        "--noise-dir",
-        type=Path,
-        help="folder of background-noise .wav files (default: synthetic coloured noise)",
-    )
-    t.add_argument("--no-augment", action="store_true", help="disable augmentation")
-    t.add_argument(
-        "--precise-bn-batches",
-        type=int,
-        help="re-estimate BatchNorm statistics on this many clean train batches before each "
-        "validation (default 16; 0: keep the running averages, the official recipe)",
-    )
-    t.add_argument("--device", help="cpu / cuda (default: cuda if available)")
     e = sub.add_parser("test", help="accuracy and confusion matrix of a trained classifier")
     e.add_argument(
         "--run", help="run key in params.yaml: checkpoint, dataset and output folder from there"
@@ -962,118 +535,24 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", help="cpu / cuda (default: cuda if available)")
 
 
-_PAPER_DEFAULTS = dict(
-    width=1.0,
-    depth=29,
-    epochs=70,
-    max_minutes=None,
-    max_steps=None,
-    batch_size=96,
-    lr=1e-2,
-    momentum=0.9,
-    weight_decay=1e-2,
-    patience=5,
-    factor=0.1,
-    seed=0,
-    num_workers=0,
-    augment=True,
-    precise_bn_batches=16,
-)
-# keys a params.yaml classifier run may set in its `model` block (the rest come from `train`)
-_MODEL_KEYS = ("width", "depth", "epochs", "augment", "precise_bn_batches")
-
-
-def _resolve_train_args(args: argparse.Namespace) -> tuple[dict, Path, Path, dict]:
-    """CLI flags > params.yaml run > paper defaults. Returns (hyper, prepared, out, config)."""
-    hyper = dict(_PAPER_DEFAULTS)
-    prepared, out, config = args.prepared, args.out, {}
+def run(args: argparse.Namespace) -> int:
+    """`sashimi classifier test` (training is `sashimi train --run classifier-sc09`)."""
+    ckpt, prepared, out_dir = args.ckpt, args.prepared, args.out
     if args.run:
         from sashimi.config import load_params
 
         P = load_params(args.params)
         rc = P.run(args.run)
-        if rc.kind != "classifier":
-            raise UserError(f"{args.params}: runs.{args.run}.kind is {rc.kind!r}, not 'classifier'")
-        model = dict(rc.model)
-        for k in _MODEL_KEYS:
-            if k in model:
-                hyper[k] = model.pop(k)
-        if model:
-            raise UserError(
-                f"{args.params}: runs.{args.run}.model.{next(iter(model))}: unknown key "
-                f"(allowed: name, {', '.join(_MODEL_KEYS)})"
-            )
-        tc = rc.train
-        if tc.optimizer != "sgd":
-            raise UserError(
-                f"{args.params}: runs.{args.run}.train.optimizer: the classifier trains with 'sgd'"
-            )
-        hyper.update(
-            batch_size=tc.batch_size,
-            lr=tc.lr,
-            momentum=tc.momentum,
-            weight_decay=tc.weight_decay,
-            patience=tc.patience,
-            factor=tc.factor,
-            max_minutes=tc.max_minutes,
-            max_steps=tc.max_steps,
-            seed=tc.seed,
-            num_workers=tc.num_workers,
-        )
+        ckpt = ckpt or rc.run_dir / "checkpoints" / "best.pt"
         prepared = prepared or P.dataset(rc.dataset).prepared_dir
-        out = out or rc.run_dir / "checkpoints" / "best.pt"
-        config = dict(rc.raw)
-    for k in _PAPER_DEFAULTS:
-        v = getattr(args, k, None)
-        if v is not None:
-            hyper[k] = v
-    if getattr(args, "no_augment", False):
-        hyper["augment"] = False
-    if prepared is None or out is None:
-        raise UserError("classifier train: give --run RUN, or both --prepared DIR and --out CKPT")
-    config = dict(config, classifier_train=dict(hyper, prepared=str(prepared)))
-    return hyper, Path(prepared), Path(out), config
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.classifier_cmd == "train":
-        hyper, prepared, out, config = _resolve_train_args(args)
-        train_set, val_set = _train_val(prepared, hyper["seed"], _log)
-        noise = load_noise_dir(args.noise_dir) if args.noise_dir else None
-        model = train_classifier(
-            train_set,
-            val_set,
-            out,
-            noise_bank=noise,
-            device=args.device,
-            config=config,
-            log=_log,
-            **hyper,
-        )
-        _log(f"best checkpoint: {out} ({count_parameters(model):,} parameters)")
-        return 0
-    if args.classifier_cmd == "test":
-        ckpt, prepared, out_dir = args.ckpt, args.prepared, args.out
-        if args.run:
-            from sashimi.config import load_params
-
-            P = load_params(args.params)
-            rc = P.run(args.run)
-            ckpt = ckpt or rc.run_dir / "checkpoints" / "best.pt"
-            prepared = prepared or P.dataset(rc.dataset).prepared_dir
-            out_dir = out_dir or rc.run_dir
-        if ckpt is None or prepared is None or out_dir is None:
-            raise UserError("classifier test: give --run RUN, or --ckpt, --prepared and --out")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_classifier(ckpt, map_location=device)
-        res = confusion_report(model, Path(prepared), Path(out_dir), split=args.split)
-        print(json.dumps({k: res[k] for k in ("accuracy", "n", "split")}))
-        return 0
-    raise UserError(f"unknown classifier command {args.classifier_cmd!r}")
+        out_dir = out_dir or rc.run_dir
+    if ckpt is None or prepared is None or out_dir is None:
+        raise UserError("classifier test: give --run RUN, or --ckpt, --prepared and --out")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_classifier(ckpt, map_location=device)
+    res = confusion_report(model, Path(prepared), Path(out_dir), split=args.split)
+    print(json.dumps({k: res[k] for k in ("accuracy", "n", "split")}))
+    return 0
 
 
 def confusion_report(

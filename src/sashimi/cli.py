@@ -15,14 +15,20 @@ from sashimi.errors import UserError
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "download": ("sashimi.data.download", "download a dataset archive (resumable, verified)"),
-    "prepare": ("sashimi.data.prepare", "split, resample and store a dataset as memory-mapped arrays"),
+    "prepare": (
+        "sashimi.data.prepare",
+        "split, resample and store a dataset as memory-mapped arrays",
+    ),
     "train": ("sashimi.train", "train a run from params.yaml (resumable, tracked)"),
     "sample": ("sashimi.sample", "generate audio clips from a trained run"),
     "evaluate": ("sashimi.evaluate", "test NLL and SC09 metrics (FID, IS, mIS, AM)"),
     "classifier": ("sashimi.classifier", "train / test the SC09 digit classifier"),
-    "report": ("sashimi.report", "render tables, figures and report.html into results/"),
+    "report": ("sashimi.report.main", "render tables, figures and report.html into results/"),
     "bench": ("sashimi.bench", "benchmarks (JSON out): train, generate, sample"),
-    "import-checkpoint": ("sashimi.import_checkpoint", "convert an official state-spaces checkpoint"),
+    "import-checkpoint": ("sashimi.import_checkpoint", "convert a released official checkpoint"),
+    "rehearse": ("sashimi.rehearse", "every paper run for 2 steps: memory, speed, GPU cost"),
+    "stability": ("sashimi.stability", "S4 stability ablation: ours vs unconstrained S4"),
+    "speed": ("sashimi.speed", "train / generation speed of a model kind (JSON)"),
 }
 
 

@@ -69,24 +69,30 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     scheduler: str = "plateau"  # plateau | cosine | constant
     patience: int = 20  # plateau: validations without improvement
-    factor: float = 0.2  # plateau: lr multiplier
+    factor: float = 0.2  # plateau / step: lr multiplier
+    milestones: tuple[int, ...] = ()  # step: optimiser steps where the lr is multiplied by factor
     warmup_steps: int = 0  # cosine
     max_steps: int | None = None
+    max_epochs: int | None = None  # epoch budget (counts over resumes, like max_steps)
     max_minutes: float | None = None
-    val_every: int = 1000
+    val_every: int | str = 1000  # steps between validations, or "epoch": once per epoch
     val_batches: int | None = None  # None: the whole validation split
     clip_grad: float | None = None
     clip_mode: str = "norm"  # norm | value
     tbptt: int | None = None  # truncated-BPTT chunk length (SampleRNN)
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     compile: bool = False  # torch.compile the whole model (GPU; minutes to compile on a CPU)
-    s4_compile: str = "auto"  # S4 kernel, channel norm, S4 tail: auto (CUDA, large) | always | never
+    s4_compile: str = "auto"  # S4 kernel, norm and tail: auto (CUDA, large) | always | never
     keep_last: int = 2
     seed: int = 0
     num_workers: int = 2
     log_every: int = 50
     ckpt_every: int = 1000
     max_length: int | None = None  # crop training clips/chunks to this many samples (demo)
+    # the digit classifier only (kind: classifier)
+    augment: bool = False  # amplitude, speed/pitch, time-shift and noise augmentation
+    precise_bn_batches: int = 0  # re-estimate BatchNorm statistics before each validation
+    noise_dir: str | None = None  # background-noise .wav folder (None: synthetic noise)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class SampleConfig:
     top_p: float = 1.0
     sampler: str = "ancestral"  # diffusion: ancestral | fast
     fast_steps: int = 50
-    compile: bool = False  # SaShiMi: torch.compile the step (about 4x faster per step; ~1 min to compile)
+    compile: bool = False  # SaShiMi: torch.compile the step (faster steps; ~1 min to compile)
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,15 @@ class Params:
         """The run's resolved config flattened to `a.b.c: scalar` (for MLflow params)."""
         run = self.run(run_key)
         out = {"scale": self.scale, "run": run.key, "dataset": run.dataset}
-        out.update(_flatten({"model": run.model, "train": dataclasses.asdict(run.train),
-                             "sample": dataclasses.asdict(run.sample)}))
+        out.update(
+            _flatten(
+                {
+                    "model": run.model,
+                    "train": dataclasses.asdict(run.train),
+                    "sample": dataclasses.asdict(run.sample),
+                }
+            )
+        )
         out.update(_flatten({"data": dataclasses.asdict(self.datasets[run.dataset])}))
         return out
 
@@ -154,14 +167,17 @@ class Params:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_params(path: str | os.PathLike = "params.yaml", scale: str | None = None,
-                check_models: bool = True) -> Params:
+def load_params(
+    path: str | os.PathLike = "params.yaml", scale: str | None = None, check_models: bool = True
+) -> Params:
     """Read, validate and resolve params.yaml. `scale` (or $SASHIMI_SCALE) overrides the file's."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found (run from the repository root or pass --params)") from None
+        raise UserError(
+            f"{path}: file not found (run from the repository root or pass --params)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -178,13 +194,27 @@ def load_params(path: str | os.PathLike = "params.yaml", scale: str | None = Non
     datasets = {k: _dataset(path, k, v) for k, v in resolved.get("datasets", {}).items()}
     runs = {}
     for key, spec in resolved.get("runs", {}).items():
-        train = _layered(raw.get("train_defaults"), raw["runs"][key].get("train"),
-                         raw["runs"][key].get(scale, {}).get("train"), scale)
-        sample = _layered(raw.get("sample_defaults"), raw["runs"][key].get("sample"),
-                          raw["runs"][key].get(scale, {}).get("sample"), scale)
+        train = _layered(
+            raw.get("train_defaults"),
+            raw["runs"][key].get("train"),
+            raw["runs"][key].get(scale, {}).get("train"),
+            scale,
+        )
+        sample = _layered(
+            raw.get("sample_defaults"),
+            raw["runs"][key].get("sample"),
+            raw["runs"][key].get(scale, {}).get("sample"),
+            scale,
+        )
         runs[key] = _run(path, key, dict(spec, train=train, sample=sample), datasets, check_models)
-    return Params(path=path, scale=scale, seed=int(resolved.get("seed", 0)), datasets=datasets,
-                  runs=runs, raw=resolved)
+    return Params(
+        path=path,
+        scale=scale,
+        seed=int(resolved.get("seed", 0)),
+        datasets=datasets,
+        runs=runs,
+        raw=resolved,
+    )
 
 
 def resolve_scale(obj: Any, scale: str) -> Any:
@@ -214,7 +244,9 @@ def validate_schema(raw: dict, path: Path) -> None:
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    errors = sorted(
+        validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
+    )
     if not errors:
         return
     err = _deepest(errors[0])
@@ -251,14 +283,18 @@ def _dataset(path: Path, key: str, spec: dict) -> DatasetConfig:
     return DatasetConfig(key=key, **spec)
 
 
-def _layered(defaults: dict | None, run_base: dict | None, run_scale: dict | None, scale: str) -> dict:
+def _layered(
+    defaults: dict | None, run_base: dict | None, run_scale: dict | None, scale: str
+) -> dict:
     """Precedence, lowest first: defaults, the run's own values, the defaults' scale block,
     the run's scale block. So `train_defaults.demo.batch_size` shrinks every run at demo scale,
     while a run's `demo.train` block still has the last word."""
     defaults = defaults or {}
     base = {k: v for k, v in defaults.items() if k not in SCALES}
     run_base = {k: v for k, v in (run_base or {}).items() if k not in SCALES}
-    return deep_merge(deep_merge(deep_merge(base, run_base), defaults.get(scale) or {}), run_scale or {})
+    return deep_merge(
+        deep_merge(deep_merge(base, run_base), defaults.get(scale) or {}), run_scale or {}
+    )
 
 
 def _run(path: Path, key: str, spec: dict, datasets: dict, check_models: bool) -> RunConfig:
@@ -272,10 +308,18 @@ def _run(path: Path, key: str, spec: dict, datasets: dict, check_models: bool) -
     if check_models and kind != "classifier":
         _check_model_kwargs(f"{where}.model", name, model)
     raw = dict(spec, train=train, sample=sample, key=key)
-    return RunConfig(key=key, kind=kind, dataset=spec["dataset"], model_name=name, model=model,
-                     train=_dataclass(TrainConfig, train, f"{where}.train"),
-                     sample=_dataclass(SampleConfig, sample, f"{where}.sample"),
-                     table=spec.get("table"), label=spec.get("label"), raw=raw)
+    return RunConfig(
+        key=key,
+        kind=kind,
+        dataset=spec["dataset"],
+        model_name=name,
+        model=model,
+        train=_dataclass(TrainConfig, train, f"{where}.train"),
+        sample=_dataclass(SampleConfig, sample, f"{where}.sample"),
+        table=spec.get("table"),
+        label=spec.get("label"),
+        raw=raw,
+    )
 
 
 def _dataclass(cls, values: dict, where: str):
@@ -302,7 +346,9 @@ def _check_model_kwargs(where: str, name: str, kwargs: dict) -> None:
         allowed = [p for p in sig.parameters if p != "self"]
     for k in kwargs:
         if allowed is not None and k not in allowed:
-            raise UserError(f"{where}.{k}: unknown keyword for model {name!r} (allowed: {', '.join(allowed)})")
+            raise UserError(
+                f"{where}.{k}: unknown keyword for model {name!r} (allowed: {', '.join(allowed)})"
+            )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -9,7 +9,7 @@ rule evaluate:
         "results/runs/{run}/train.done",
         "results/runs/{run}/samples",
         lambda wc: classifier_done() if "sc09" in metrics_of(wc.run) else [],
-        code("evaluate.py", "score_folder.py", "metrics.py", "classifier.py", "data/datasets.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py", "data/datasets.py"),
     output:
         "results/runs/{run}/metrics.json",
     params:
@@ -33,7 +33,7 @@ rule evaluate_real:
     input:
         "data/prepared/sc09/manifest.json",
         classifier_done(),
-        code("evaluate.py", "score_folder.py", "metrics.py", "classifier.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py"),
     output:
         "results/runs/real-{split}/metrics.json",
     params:
@@ -58,7 +58,7 @@ rule evaluate_release:
         lambda wc: str(RELEASE_SAMPLES / wc.release),
         RELEASED_CLASSIFIER,
         f"data/prepared/{EVAL.get('reference', 'sc09')}/manifest.json",
-        code("evaluate.py", "score_folder.py", "metrics.py", "classifier.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py"),
     output:
         "results/release/sc09/{release}/metrics.json",
     params:

@@ -1,9 +1,18 @@
-# Training: one job per run (the digit classifier included: `sashimi train` hands
-# classifier runs to `sashimi classifier train`).
+# Training: one job per run, the digit classifier included (`sashimi train --run RUN` trains
+# every kind of run from its params.yaml block).
 #
 # The output is a marker Snakemake touches when the command succeeds, not a checkpoint: the
 # trainer resumes from checkpoints/last.pt, so a killed job (rerun with --rerun-incomplete)
 # continues where it stopped instead of Snakemake deleting the checkpoints first.
+
+
+# the trainer's modules (dvc.yaml's train stage lists the same files)
+TRAIN_CODE = (
+    "train.py", "trainer.py", "train_data.py", "train_log.py", "resume.py", "rng.py",
+    "ar_loss.py", "batching.py", "checkpoints.py", "optim.py", "distributed.py",
+    "classifier.py", "classifier_train.py", "models", "ssm", "data/datasets.py",
+    "data/quantize.py",
+)
 
 
 def train_config(wc) -> str:
@@ -15,7 +24,7 @@ def train_config(wc) -> str:
 rule train:
     input:
         lambda wc: f"data/prepared/{run_dataset(wc)}/manifest.json",
-        code("train.py", "classifier.py", "models", "ssm", "data/datasets.py", "data/quantize.py"),
+        code(*TRAIN_CODE),
     output:
         touch("results/runs/{run}/train.done"),
     params:
