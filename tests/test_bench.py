@@ -20,11 +20,10 @@ def _run(argv, capsys) -> dict:
     return json.loads(lines[0])
 
 
-def test_bench_train_with_naive(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("SASHIMI_COMPILE", "auto")  # restored after the test (the bench sets it)
+def test_bench_train_with_naive(capsys, tmp_path):
     out = tmp_path / "b.json"
     r = _run(["bench", "train", "--model", "sashimi", "--model-kwargs", TINY_SASHIMI, "--batch", "2",
-              "--length", "64", "--steps", "2", "--warmup", "0", "--naive", "--s4-compile", "0", "--out", str(out)], capsys)  # fmt: skip
+              "--length", "64", "--steps", "2", "--warmup", "0", "--naive", "--s4-compile", "never", "--out", str(out)], capsys)  # fmt: skip
     for k in ("seconds_per_step", "peak_rss_mb", "params", "device", "model", "batch", "length",
               "naive_seconds_per_step", "speedup"):  # fmt: skip
         assert k in r, k
@@ -34,7 +33,7 @@ def test_bench_train_with_naive(capsys, tmp_path, monkeypatch):
     assert r["seconds_per_step"] > 0 and r["params"] > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["seconds_per_step"], rel=1e-3)
     assert json.loads(out.read_text()) == r
-    assert r["s4_compile"] == "0"
+    assert r["s4_compile"] == "never"
 
 
 def test_bench_generate_sashimi_with_naive(capsys):

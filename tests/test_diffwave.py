@@ -36,12 +36,6 @@ SASHIMI_TINY = dict(
 SCHED_NAMES = {"Beta": "beta", "Alpha": "alpha", "Alpha_bar": "alpha_bar", "Sigma": "sigma"}
 
 
-@pytest.fixture(autouse=True)
-def _eager_s4(monkeypatch):
-    """The S4 kernel's torch.compile path takes minutes to compile on a small CPU; use the eager one."""
-    monkeypatch.setenv("SASHIMI_COMPILE", "0")
-
-
 @pytest.fixture(scope="module")
 def fx(fixtures_dir):
     return torch.load(fixtures_dir / "diffwave_small.pt", weights_only=True)

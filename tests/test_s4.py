@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sashimi.errors import UserError
+from sashimi.optim import ssm_parameters
 from sashimi.ssm import kernels
 from sashimi.ssm.s4 import (
     S4Block,
@@ -226,9 +227,9 @@ def test_fast_and_naive_kernel_gradients_agree():
 @pytest.mark.slow
 def test_compiled_path(monkeypatch):
     """torch.compile of the fused sums (cold compile takes tens of seconds on a CPU)."""
-    monkeypatch.setenv("SASHIMI_COMPILE", "1")
     monkeypatch.setattr(kernels, "_CPU_SUM_BLOCK", 8)  # the backward in 5 blocks of frequencies
     k = perturbed_kernel(H=3, N=16)
+    k.compile_mode = "always"
     ref = krylov_kernel(k, 64)
     K = k(64)
     assert not kernels._compile_broken
@@ -245,7 +246,9 @@ def test_compiled_path(monkeypatch):
 
 
 def test_benchmark_kernel_smoke():
-    out = kernels.benchmark_kernel(H=4, L=64, backend="naive", N=8, repeats=1)
+    from sashimi.bench import benchmark_kernel
+
+    out = benchmark_kernel(H=4, L=64, backend="naive", N=8, repeats=1)
     assert out["forward_s"] > 0 and out["forward_backward_s"] > 0 and out["backend"] == "naive"
 
 
@@ -344,6 +347,21 @@ def test_real_step_equals_complex_step():
     y1, s1 = blk._step_modal_complex(u, s0)
     y2, s2 = blk._step_modal_real(u, s0)
     assert s1.shape == s0.shape and rel(s2, s1) < 1e-14 and rel(y2, y1) < 1e-14
+
+
+def test_modal_form_reproduces_the_convolution_kernel():
+    """S4Block.modal_form (what the fused generation engine steps): its impulse response
+    Re(sum_m c_m lambda_m^l) is the convolution kernel K[l], and it carries D and the output layer."""
+    torch.manual_seed(0)
+    blk = S4Block(4, d_state=8, glu=True).double().eval()
+    K = blk.kernel(32)[0]  # (H, L); C -> C~ at length 32
+    form = blk.modal_form()
+    assert form.stable and form.glu and form.lam.shape == form.c.shape == (4, 8)
+    powers = form.lam.unsqueeze(-1) ** torch.arange(32, dtype=torch.float64)  # (H, N, L)
+    assert rel((form.c.unsqueeze(-1) * powers).sum(1).real, K) < 1e-9
+    assert torch.equal(form.D, blk.D.double()[0]) and torch.equal(form.W, blk.output_linear.weight)
+    with pytest.raises(UserError, match="bidirectional"):
+        S4Block(4, d_state=8, bidirectional=True).modal_form()
 
 
 def test_causality():
@@ -470,7 +488,8 @@ def test_parameter_count_and_names():
     assert sum(p.numel() for p in blk.parameters()) == 8576
     assert sum(p.numel() for p in S4Block(64, glu=True).parameters()) == 8576 + 64 * 64 + 64
     assert blk.kernel.l_kernel.dtype == torch.int64 and "kernel.l_kernel" in blk.state_dict()
-    assert blk.kernel.A_real._optim == {"lr": 1e-3, "weight_decay": 0.0}
+    ssm = {id(getattr(blk.kernel, n)) for n in ("inv_dt", "A_real", "A_imag", "B", "P")}
+    assert ssm_parameters(blk) == ssm  # own lr, no weight decay (sashimi.optim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,7 +562,10 @@ def test_cauchy_written_out_backward_matches_autograd():
     Nyquist node included, in float64."""
     g = torch.Generator().manual_seed(5)
     M, H, N2, L = 4, 3, 6, 40
-    vr, vi = (torch.randn(M, H, N2, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    vr, vi = (
+        torch.randn(M, H, N2, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
     wr = (-torch.rand(H, N2, generator=g, dtype=torch.float64) - 0.01).requires_grad_(True)
     wi = (30 * torch.randn(H, N2, generator=g, dtype=torch.float64)).requires_grad_(True)
     c, s = kernels.frequency_nodes(L, torch.float64)
@@ -566,19 +588,19 @@ def test_cauchy_written_out_backward_matches_autograd():
 
 
 def test_large_eager_kernel_hints_once_at_compiling(monkeypatch):
-    """A large S4 kernel run eagerly (SASHIMI_COMPILE auto on a CPU) warns once, naming the switch;
+    """A large S4 kernel run eagerly (compile mode auto on a CPU) warns once, naming the switch;
     not when compiling was turned off on purpose."""
     monkeypatch.setattr(kernels, "_EAGER_HINT_ELEMENTS", 3 * 17 * 8)  # H * K * N2 of the call below
     monkeypatch.setattr(kernels, "_hinted", False)
-    monkeypatch.setattr(kernels, "_compile_mode", "auto")
     k = perturbed_kernel(H=3, N=16)
+    assert k.compile_mode == "auto"
     with pytest.warns(UserWarning, match="s4_compile: always") as rec:
         k(L=32)
         k(L=32)
         k(L=16)  # below the size: no hint either
     assert sum("runs eagerly" in str(r.message) for r in rec) == 1
     monkeypatch.setattr(kernels, "_hinted", False)
-    monkeypatch.setattr(kernels, "_compile_mode", "never")
+    k.compile_mode = "never"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         k(L=32)

@@ -10,17 +10,16 @@ import torch
 
 from sashimi.errors import UserError
 from sashimi.models import MODELS, build_model, count_parameters
-from sashimi.models.sashimi import (
+from sashimi.models.blocks import (
     ChannelNorm,
     DownPool,
     FFBlock,
     ResidualBlock,
-    SaShiMi,
     UpPool,
     WNLinear,
     channel_norm_reference,
-    param_count,
 )
+from sashimi.models.sashimi import SaShiMi, param_count
 from sashimi.ssm.s4 import S4Block
 
 
@@ -73,7 +72,7 @@ def test_channel_norm_scalar_no_eps():
 
 
 def test_channel_norm_backward_matches_autograd_of_the_formula():
-    from sashimi.models.sashimi import _ChannelNormFn
+    from sashimi.models.blocks import _ChannelNormFn
 
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     m = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
@@ -91,7 +90,7 @@ def test_compiled_pointwise_tails_match_eager(glu):
     """With the compile switch on, the S4 block's GELU -> linear (-> GLU) + residual tail runs
     torch.compile'd (kernels.maybe_compiled): same outputs and gradients as eager (so do the FF
     block and the channel norm around it)."""
-    from sashimi.models import sashimi as sm
+    from sashimi.models import blocks as sm
     from sashimi.ssm import kernels
     from sashimi.ssm.s4 import s4_head
 
@@ -103,14 +102,11 @@ def test_compiled_pointwise_tails_match_eager(glu):
         blk.double()
         outs = {}
         for mode in ("never", "always"):
-            kernels.set_compile_mode(mode)
-            try:
-                xi = x.clone().requires_grad_(True)
-                y = blk(xi)
-                grads = torch.autograd.grad((y * g).sum(), [xi, *blk.parameters()])
-                outs[mode] = (y.detach(), grads)
-            finally:
-                kernels.set_compile_mode(None)
+            kernels.set_compile_mode(blk, mode)
+            xi = x.clone().requires_grad_(True)
+            y = blk(xi)
+            grads = torch.autograd.grad((y * g).sum(), [xi, *blk.parameters()])
+            outs[mode] = (y.detach(), grads)
         assert not kernels._compile_broken
         torch.testing.assert_close(outs["always"][0], outs["never"][0])
         for a, b in zip(outs["always"][1], outs["never"][1], strict=True):
@@ -120,26 +116,22 @@ def test_compiled_pointwise_tails_match_eager(glu):
 
 def test_channel_norm_compiled_path_matches_the_formula():
     """With the compile switch on, forward and backward run torch.compile'd (one pass each)."""
-    from sashimi.models import sashimi as sm
+    from sashimi.models import blocks as sm
     from sashimi.ssm import kernels
 
-    kernels.set_compile_mode("always")
-    try:
-        x = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
-        m = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
-        s = torch.tensor([1.7], dtype=torch.float64, requires_grad=True)
-        g = torch.randn(2, 33, 16, dtype=torch.float64)
-        y = sm._ChannelNormFn.apply(x, m, s)
-        ours = torch.autograd.grad((y * g).sum(), (x, m, s))
-        assert not kernels._compile_broken
-        assert {sm._channel_norm_fwd, sm._channel_norm_bwd} <= set(kernels._pointwise)
-        ref_y = channel_norm_reference(x, m, s)
-        ref = torch.autograd.grad((ref_y * g).sum(), (x, m, s))
-        torch.testing.assert_close(y, ref_y)
-        for a, b in zip(ours, ref):
-            torch.testing.assert_close(a, b)
-    finally:
-        kernels.set_compile_mode(None)
+    x = torch.randn(2, 33, 16, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([1.7], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 33, 16, dtype=torch.float64)
+    y = sm._ChannelNormFn.apply(x, m, s, "always")
+    ours = torch.autograd.grad((y * g).sum(), (x, m, s))
+    assert not kernels._compile_broken
+    assert {sm._channel_norm_fwd, sm._channel_norm_bwd} <= set(kernels._pointwise)
+    ref_y = channel_norm_reference(x, m, s)
+    ref = torch.autograd.grad((ref_y * g).sum(), (x, m, s))
+    torch.testing.assert_close(y, ref_y)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_downpool_matches_official_layout():
@@ -315,7 +307,7 @@ def test_step_requires_setup_and_state_is_fresh_after_dtype_change():
 
 
 def test_pair_conjugate_modes_keeps_the_impulse_response():
-    from sashimi.models.sashimi import _pair_conjugate_modes
+    from sashimi.generation.fused import pair_conjugate_modes as _pair_conjugate_modes
     from sashimi.ssm.s4 import S4Kernel
 
     torch.manual_seed(0)
@@ -373,14 +365,16 @@ def test_compiled_step_matches_eager(batch):
 
 
 @pytest.mark.slow
-def test_whole_model_compile_gives_the_eager_gradients(monkeypatch):
+def test_whole_model_compile_gives_the_eager_gradients():
     """train.compile: torch.compile of the whole model. The S4 layers' own compiled kernels
     step aside inside it, and FFTConv's output stays linked to its backward (it once came
     back cut off: every S4 parameter got a zero gradient). ~1 min of compiling."""
     # the S4 switch on: outside a whole-model compile the compiled Cauchy / norm paths run
-    monkeypatch.setattr("sashimi.ssm.kernels._compile_mode", "1")  # (restored after the test)
+    from sashimi.ssm.kernels import set_compile_mode
+
     torch.manual_seed(8)
     m = _tiny(d_model=8, pool=(4,), glu=True).train()
+    set_compile_mode(m, "always")
     x = torch.randint(0, 256, (2, 64))
     m(x).square().mean().backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -409,7 +403,7 @@ def _rotation_step(x: torch.Tensor, state: tuple, ordered: bool = True) -> tuple
 
 
 def test_first_call_check_rejects_a_stage_that_misorders_its_state_update():
-    from sashimi.models.sashimi import _compiled_matches_eager
+    from sashimi.generation.stepper import compiled_matches_eager as _compiled_matches_eager
 
     x = torch.randn(3, 4)
     state = tuple(torch.zeros(3, 4, dtype=torch.float64) for _ in range(3))

@@ -1,8 +1,9 @@
-"""`sashimi bench {train,generate,sample}`: speed benchmarks that print ONE JSON line.
+"""`sashimi bench {train,generate,sample,cauchy}`: speed benchmarks that print ONE JSON line.
 
     sashimi bench train    --model sashimi --batch 2 --length 16000 [--steps 3] [--naive] [--compile]
     sashimi bench generate --model sashimi --batch 16 --steps 2000 [--naive] [--no-cuda-graph]
     sashimi bench sample   --model diffwave --backbone sashimi --batch 1 --length 16000 --fast-steps 50
+    sashimi bench cauchy   --channels 64 --length 16000 --state 64   # torch vs pykeops S4 kernel
 
 Models are built at the paper's sizes (SaShiMi: the SC09 model, 8 layers, d_model 64,
 GLU; WaveNet: 4 x 10 layers, 64 residual/dilation, skip 1024, end 512; SampleRNN: the
@@ -24,7 +25,7 @@ params, device, model, batch, length | steps, threads, load_average (the machine
 audio produced per wall-clock second (all clips together); generation is timed in 8
 chunks and seconds_per_step is the median chunk's (seconds_per_step_mean: all chunks).
 Training also reports tokens_per_s = batch * length / seconds_per_step, and on CUDA
-peak_gpu_mb.
+peak_gpu_mb. `benchmark_kernel` and `benchmark_step` time one S4 kernel and one S4 step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -175,8 +177,8 @@ def bench_train(args) -> dict:
     device = _device(args.device)
     from sashimi.ssm.kernels import set_compile_mode
 
-    set_compile_mode(args.s4_compile)
     model = _build(args.model, args.model_kwargs, device)
+    set_compile_mode(model, args.s4_compile)
     res = _common(args, device, args.model)
     res.update(batch=args.batch, length=args.length, params=_n_params(model))
     if args.model == "sashimi":
@@ -197,6 +199,7 @@ def bench_train(args) -> dict:
             )
         naive = _build(args.model, args.model_kwargs, device, backend="naive")
         naive.load_state_dict(model.state_dict())
+        set_compile_mode(naive, args.s4_compile)
         del model
         ntimes = _time(_train_step_fn(naive, args, device), args.naive_steps, 0, device)
         res.update(naive_seconds_per_step=statistics.median(ntimes), naive_seconds_all=[round(t, 3) for t in ntimes],
@@ -368,6 +371,148 @@ def bench_sample(args) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------- S4 micro-benchmarks
+
+
+class _PeakRSS:
+    """Peak resident memory above the level at entry, sampled from /proc/self/statm in a thread."""
+
+    def __init__(self, interval: float = 1e-3):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.base)
+
+
+def benchmark_kernel(
+    H: int = 64,
+    L: int = 16000,
+    backend: str = "auto",
+    N: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+    compile: str = "auto",
+) -> dict:
+    """Time one S4 kernel computation (forward, and forward+backward) and its peak extra memory.
+
+    Builds a fresh n_ssm=1 kernel with H channels and state size N, converts C to C~ at length L
+    (not timed), warms up once (this includes torch.compile for the fused backend), then reports
+    the median over ``repeats`` runs. Memory is the peak above the level before the measured
+    run: CUDA allocator peak on GPUs, sampled process RSS on CPU (so approximate there).
+    """
+    from sashimi.ssm.kernels import compile_enabled, resolve_backend
+    from sashimi.ssm.s4 import S4Kernel
+
+    device = torch.device(device)
+    kernel = S4Kernel(H, N=N, backend=backend).to(device=device, dtype=dtype)
+    kernel.compile_mode = compile
+    with torch.no_grad():
+        kernel(L)  # C -> C~ at length L
+    weight = torch.randn(1, H, L, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            kernel(L)
+        sync()
+
+    def fwd_bwd() -> None:
+        kernel.zero_grad(set_to_none=True)
+        (kernel(L) * weight).sum().backward()
+        sync()
+
+    def measure(fn: Callable[[], None]) -> tuple[float, float]:
+        fn()  # warm-up (and compilation)
+        times, peak = [], 0
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+                peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
+            else:
+                with _PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                peak = max(peak, mem.peak)
+        return sorted(times)[len(times) // 2], peak / 2**20
+
+    fwd_s, fwd_mb = measure(fwd)
+    fwd_bwd_s, fwd_bwd_mb = measure(fwd_bwd)
+    fused = resolve_backend(backend) == "torch" and compile_enabled(
+        compile, H * (L // 2 + 1) * (N // 2), device
+    )
+    return {
+        "H": H,
+        "L": L,
+        "N": N,
+        "backend": resolve_backend(backend)
+        + ("-compiled" if fused else ("" if backend == "naive" else "-eager")),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "forward_s": fwd_s,
+        "forward_backward_s": fwd_bwd_s,
+        "forward_peak_mb": fwd_mb,
+        "forward_backward_peak_mb": fwd_bwd_mb,
+    }
+
+
+def benchmark_step(
+    H: int = 64,
+    batch: int = 1,
+    steps: int = 2000,
+    mode: str = "auto",
+    compiled: bool = False,
+    glu: bool = False,
+) -> dict:
+    """Seconds per recurrent step of one S4Block (eval, inference mode); optionally torch.compile'd."""
+    from sashimi.ssm.s4 import S4Block
+
+    blk = S4Block(H, glu=glu).eval()
+    blk.setup_step(mode)
+    step = torch.compile(blk.step, fullgraph=True) if compiled else blk.step
+    state, u = blk.default_state(batch), torch.randn(batch, H)
+    with torch.inference_mode():
+        for _ in range(max(10, steps // 20)):  # warm-up (and compilation)
+            y, state = step(u, state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            y, state = step(u, state)
+        seconds = (time.perf_counter() - t0) / steps
+    return {"H": H, "batch": batch, "mode": blk._step_mode, "compiled": compiled, "step_s": seconds}
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -397,9 +542,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--naive-steps", type=int, default=1)
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the whole model, as train.compile does")  # fmt: skip
-    t.add_argument("--s4-compile", choices=["auto", "0", "1"], default="1",
-                   help="SASHIMI_COMPILE for the S4 kernel (default 1: the compiled kernel, "
-                   "whose compile time the warm-up step absorbs; auto: the S4 layer's own default)")  # fmt: skip
+    t.add_argument("--s4-compile", choices=["auto", "always", "never"], default="always",
+                   help="the S4 layers' compile mode, as train.s4_compile (default always: the "
+                   "compiled kernel, whose compile time the warm-up step absorbs)")  # fmt: skip
 
     g = sub.add_parser("generate", help="seconds per autoregressive step (sampling included)")
     common(g, "sashimi")
@@ -415,6 +560,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--naive-steps", type=int, help="steps for the naive reference (default --steps)"
     )
 
+    k = sub.add_parser("cauchy", help="seconds per S4 kernel: pure torch vs pykeops (keops extra)")
+    k.add_argument("--channels", type=int, default=64, help="H")
+    k.add_argument("--length", type=int, default=16000, help="L")
+    k.add_argument("--state", type=int, default=64, help="N")
+    k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    k.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    k.add_argument("--out", help="also write the JSON to this file")
+
     s = sub.add_parser("sample", help="seconds per clip: full ancestral vs fast diffusion sampler")
     common(s, "diffwave")
     s.add_argument("--backbone", default="wavenet", choices=["wavenet", "sashimi"])
@@ -424,10 +578,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="estimate the full sampler from the fast one's seconds per network call")  # fmt: skip
 
 
+def bench_cauchy(args) -> dict:
+    """The S4 kernel per Cauchy backend, pure torch beside pykeops (sashimi.ssm.keops)."""
+    from sashimi.ssm.keops import bench_backends
+
+    return bench_backends(args.channels, args.length, args.state, args.repeats, args.device)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    fn = {"train": bench_train, "generate": bench_generate, "sample": bench_sample}[args.bench]
+    fn = {"train": bench_train, "generate": bench_generate, "sample": bench_sample,
+          "cauchy": bench_cauchy}[args.bench]  # fmt: skip
     load_before = os.getloadavg()[0]
     result = fn(args)
     # 1-minute load average of the machine before / after: timings on a loaded machine are noisy

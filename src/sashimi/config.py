@@ -65,7 +65,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
     ssm_lr: float = 1e-3  # S4 parameters (Lambda, P, B, dt): own lr, no weight decay
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0  # the official AdamW recipe (params.yaml train_defaults)
     momentum: float = 0.9  # sgd only
     scheduler: str = "plateau"  # plateau | cosine | constant
     patience: int = 20  # plateau: validations without improvement
@@ -80,7 +80,7 @@ class TrainConfig:
     clip_grad: float | None = None
     clip_mode: str = "norm"  # norm | value
     tbptt: int | None = None  # truncated-BPTT chunk length (SampleRNN)
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    amp: bool = False  # bf16 autocast on GPU (ignored on CPU); the official runs are fp32
     compile: bool = False  # torch.compile the whole model (GPU; minutes to compile on a CPU)
     s4_compile: str = "auto"  # S4 kernel, norm and tail: auto (CUDA, large) | always | never
     keep_last: int = 2

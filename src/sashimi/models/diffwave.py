@@ -24,18 +24,6 @@ results), reimplemented:
   connections around every layer of the up path; final ChannelNorm, 1x1 layer +
   ReLU, zero-initialised 1x1 layer -> 1.
 
-S4 layer (`sashimi.ssm.s4.S4Block`): we build the HEAD layout of diffwave-sashimi's
-"S4 v3" layer: DPLR, n_ssm = H (Lambda, P, B per channel), bidirectional = a forward
-and a backward kernel (C has 2 channels). Parameter counts: 23,470,971 (d_model 128)
-and 7,734,267 (d_model 64); unidirectional small 7,488,507. The paper's 22,964,091 /
-7,480,827 (and "7.1M" unidirectional) came from the January-2022 S4 layer, which has
-64 fewer parameters per channel per S4 layer. Matches the official forward (fixture
-diffwave_small.pt) to 2e-6 in float32 and 2e-8 in float64.
-
-Weight norm is the classic g * v / ||v|| (norm per output unit); v gets the usual
-default init and g = ||v||, which is what the official init amounts to (its
-`kaiming_normal_` on the derived weight is overwritten by the next forward).
-
 Samplers (module level): `sample_ancestral` (the official 200-step sampler; with the
 same global seed it reproduces the official trajectory) and `sample_fast` (DDIM on a
 respaced schedule: eta = 0 (default) deterministic DDIM; eta = 1 DDPM respacing, which
@@ -52,8 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sashimi.errors import UserError
-from sashimi.models.sashimi import ChannelNorm, DownPool, FFBlock, UpPool, WNLinear
-from sashimi.ssm.s4 import S4Block, convert_v3_s4_state
+from sashimi.models.blocks import ChannelNorm, DownPool, FFBlock, UpPool, WNLinear
+from sashimi.models.diffwave_official import convert_official_state_dict  # noqa: F401 (API)
+from sashimi.models.unet import unet_backbone
+from sashimi.ssm.s4 import S4Block
 
 # ----------------------------------------------------------------------------------
 # Diffusion schedule and step embedding
@@ -128,7 +118,12 @@ def _weight_norm(v: Tensor, g: Tensor) -> Tensor:
 
 
 class WNConv1d(nn.Module):
-    """Weight-normalised Conv1d on (B, C, L), 'same' padding (odd kernel)."""
+    """Weight-normalised Conv1d on (B, C, L), 'same' padding (odd kernel).
+
+    The classic g * v / ||v|| (norm per output unit); v gets the usual default init and
+    g = ||v||, which is what the official init amounts to (its `kaiming_normal_` on the
+    derived weight is overwritten by the next forward).
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, dilation: int = 1):
         super().__init__()
@@ -235,6 +230,14 @@ class SaShiMiBackbone(nn.Module):
     Linear(H, H) + ReLU, zero-initialised Linear(H, 1). unet: every up-path layer adds the
     mirrored down-path output; otherwise the SaShiMi skips (UpPool + down-stage input, and
     around each up stage). Module lists are flat and ordered as in diffwave-sashimi.
+
+    The S4 layer is the HEAD layout of diffwave-sashimi's "S4 v3" layer: DPLR, n_ssm = H
+    (Lambda, P, B per channel), bidirectional = a forward and a backward kernel (C has 2
+    channels). Parameter counts: 23,470,971 (d_model 128) and 7,734,267 (d_model 64);
+    unidirectional small 7,488,507. The paper's 22,964,091 / 7,480,827 (and "7.1M"
+    unidirectional) came from the January-2022 S4 layer, which has 64 fewer parameters per
+    channel per S4 layer. Matches the official forward (fixture diffwave_small.pt) to 2e-6 in
+    float32 and 2e-8 in float64.
     """
 
     def __init__(
@@ -261,7 +264,7 @@ class SaShiMiBackbone(nn.Module):
                 f"model: bad SaShiMi backbone size d_model={d_model}, n_layers={n_layers}, "
                 f"pool={list(self.pool)}, expand={expand}, ff={ff}"
             )
-        self.unet = bool(unet)
+        self.unet, self.n_layers = bool(unet), n_layers
         self.stride_total = math.prod(self.pool)
         s4_kwargs = dict(
             d_state=d_state, glu=glu, bidirectional=bidirectional, dropout=dropout,
@@ -301,28 +304,16 @@ class SaShiMiBackbone(nn.Module):
             )
         e = self.embed(t)  # (B, 512)
         x = F.relu(self.input_proj(x[:, :, None]))  # (B, L, H)
-        skips = [x]
-        for layer in self.d_layers:
-            x = layer(x, e) if isinstance(layer, DiffusionResidualBlock) else layer(x)
-            skips.append(x)
-        for layer in self.c_layers:
-            x = layer(x, e)
-        x = x + skips.pop()  # around the centre
-        stage_in = None
-        for layer in self.u_layers:
-            if isinstance(layer, UpPool):
-                if stage_in is not None:
-                    x = x + stage_in  # (not unet) around the previous up stage
-                x = layer(x)  # (B, L_level, H_level)
-            else:
-                x = layer(x, e)
-            if self.unet:
-                x = x + skips.pop()
-            elif isinstance(layer, UpPool):
-                x = x + skips.pop()  # the input of the matching down stage
-                stage_in = x
-        if not self.unet:
-            x = x + stage_in
+
+        def call(layer: nn.Module, x: Tensor) -> Tensor:
+            return layer(x, e) if isinstance(layer, DiffusionResidualBlock) else layer(x)
+
+        n = self.n_layers + 1  # u_layers is flat: UpPool, then its blocks, per level
+        up = [
+            (self.u_layers[i], self.u_layers[i + 1 : i + n])
+            for i in range(0, len(self.u_layers), n)
+        ]
+        x = unet_backbone(x, self.d_layers, self.c_layers, up, self.unet, call)  # (B, L, H)
         x = self.norm(x)  # (B, L, H)
         x = F.relu(self.output_hidden(x))  # (B, L, H)
         return self.output_proj(x)[..., 0]  # (B, L)
@@ -576,113 +567,3 @@ def sample_fast(
     finally:
         model.train(was_training)
     return x.clamp(-1, 1) if clip else x
-
-
-# ----------------------------------------------------------------------------------
-# Official (albertfgu/diffwave-sashimi) state_dict -> ours
-# ----------------------------------------------------------------------------------
-
-_WAVENET_RULES = [  # (official prefix, our prefix), first match wins
-    ("init_conv.0.conv.", "backbone.input_conv."),
-    ("residual_layer.fc_t1.", "backbone.embed.fc1."),
-    ("residual_layer.fc_t2.", "backbone.embed.fc2."),
-    ("final_conv.0.conv.", "backbone.skip_proj."),
-    ("final_conv.2.conv.", "backbone.output_conv."),
-]
-_WAVENET_LAYER_RULES = [
-    ("fc_t.", "step_proj."),
-    ("dilated_conv_layer.conv.", "dilated_conv."),
-    ("res_conv.", "res_conv."),
-    ("skip_conv.", "skip_conv."),
-]
-
-
-def _convert_wavenet(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for a, b in _WAVENET_RULES:
-            if k.startswith(a):
-                out[b + k[len(a) :]] = v
-                break
-        else:
-            head = "residual_layer.residual_blocks."
-            if not k.startswith(head):
-                raise UserError(f"official DiffWave WaveNet state_dict: unexpected key {k!r}")
-            i, rest = k[len(head) :].split(".", 1)
-            for a, b in _WAVENET_LAYER_RULES:
-                if rest.startswith(a):
-                    out[f"backbone.layers.{i}.{b}{rest[len(a) :]}"] = v
-                    break
-            else:
-                raise UserError(f"official DiffWave WaveNet state_dict: unexpected key {k!r}")
-    return out
-
-
-def _squeeze_conv(k: str, v: Tensor) -> Tensor:
-    """1x1 Conv1d weights (out, in, 1) / weight_g (out, 1, 1) -> Linear shapes (out, in) / (out, 1)."""
-    return v[..., 0] if k.endswith(("weight", "weight_g", "weight_v")) and v.dim() == 3 else v
-
-
-_SASHIMI_RULES = [  # (official prefix, our prefix); values of 1x1 convs lose their last dim
-    ("init_conv.0.conv.", "backbone.input_proj."),
-    ("fc_t1.", "backbone.embed.fc1."),
-    ("fc_t2.", "backbone.embed.fc2."),
-    ("norm.", "backbone.norm."),
-    ("final_conv.0.conv.", "backbone.output_hidden."),
-    ("final_conv.2.conv.", "backbone.output_proj."),
-]
-_SASHIMI_BLOCK_RULES = [  # inside d_layers.i / c_layers.i / u_layers.i
-    ("fc_t.", "step_proj."),
-    ("norm1.", "norm1."),
-    ("norm2.", "norm2."),
-    ("ff.ff.0.conv.", "ff.linear1."),
-    ("ff.ff.2.conv.", "ff.linear2."),
-    ("linear.conv.", "linear."),  # DownPool / UpPool
-]
-
-
-def _convert_sashimi(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    s4: dict[str, dict[str, Tensor]] = {}  # block prefix -> its S4 (v3) state
-    for k, v in sd.items():
-        for a, b in _SASHIMI_RULES:
-            if k.startswith(a):
-                out[b + k[len(a) :]] = _squeeze_conv(k, v)
-                break
-        else:
-            parts = k.split(".", 2)
-            if len(parts) < 3 or parts[0] not in ("d_layers", "c_layers", "u_layers"):
-                raise UserError(f"official DiffWave SaShiMi state_dict: unexpected key {k!r}")
-            block, rest = f"backbone.{parts[0]}.{parts[1]}.", parts[2]
-            if rest.startswith("layer."):
-                s4.setdefault(block, {})[rest[len("layer.") :]] = v
-                continue
-            for a, b in _SASHIMI_BLOCK_RULES:
-                if rest.startswith(a):
-                    out[block + b + rest[len(a) :]] = _squeeze_conv(k, v)
-                    break
-            else:
-                raise UserError(f"official DiffWave SaShiMi state_dict: unexpected key {k!r}")
-    for block, state in s4.items():  # S4 v3: log_dt, inv_w_real, w_imag, kernel.kernel.L, ...
-        out.update({f"{block}layer.{k}": v for k, v in convert_v3_s4_state(state).items()})
-    return out
-
-
-def convert_official_state_dict(sd: dict[str, Tensor], backbone: str) -> dict[str, Tensor]:
-    """Map an albertfgu/diffwave-sashimi `WaveNet` / `Sashimi` state_dict onto `DiffWave(backbone=...)`.
-
-    WaveNet: init_conv.0.conv -> input_conv; residual_layer.fc_t1/2 -> embed.fc1/2;
-    residual_layer.residual_blocks.i.{fc_t, dilated_conv_layer.conv, res_conv, skip_conv} ->
-    layers.i.{step_proj, dilated_conv, res_conv, skip_conv}; final_conv.0.conv -> skip_proj;
-    final_conv.2.conv -> output_conv (all under `backbone.`).
-    SaShiMi: init_conv.0.conv -> input_proj; fc_t1/2 -> embed.fc1/2; {d,c,u}_layers.i.{fc_t,
-    norm1, norm2, ff.ff.0.conv, ff.ff.2.conv, linear.conv} -> {step_proj, norm1, norm2,
-    ff.linear1, ff.linear2, linear}; {d,c,u}_layers.i.layer.* (S4 v3) -> layer.* via
-    `convert_v3_s4_state`; norm -> norm; final_conv.0.conv -> output_hidden; final_conv.2.conv ->
-    output_proj. 1x1-conv weights (out, in, 1) become linear weights (out, in).
-    """
-    if backbone == "wavenet":
-        return _convert_wavenet(sd)
-    if backbone == "sashimi":
-        return _convert_sashimi(sd)
-    raise UserError(f"backbone: {backbone!r} is not one of 'wavenet', 'sashimi'")

@@ -1,62 +1,28 @@
 """Cauchy backends for the S4 (DPLR) convolution kernel.
 
-The S4 kernel K[l] = C~ A-bar^l B-bar (l < L) of the bilinear-discretised DPLR
-system A = diag(Lambda) - P P^* is evaluated through its truncated generating
-function at the L-th roots of unity omega_k = exp(-2 pi i k / L):
+K[l] = C~ A-bar^l B-bar (l < L) is evaluated through its generating function at the L-th roots of
+unity: a Cauchy sum over the N/2 modes and their conjugates, the rank-1 term removed with
+Woodbury, then an inverse real FFT of length L (SPEC "S4 layer"). Backends:
 
-    K^(omega) = 2/(1 + omega) * C~ (z - dt A)^{-1} dt B,   z = 2 (1 - omega)/(1 + omega)
-
-The resolvent of the diagonal part is a Cauchy sum over the N/2 stored modes and
-their conjugates, and the rank-1 term is removed with Woodbury:
-
-    r_ij(z) = sum_n v_ij,n/(z - w_n) + conj(v_ij,n)/(z - conj(w_n)),  w = dt*Lambda,
-    K^ = 2/(1 + omega) * [r_00 - r_01 r_10 / (1 + r_11)],   v_ij = (B, P)_i (C~, Q)_j dt
-
-followed by an inverse real FFT of length L.
-
-Three ways to evaluate it live here:
-
-* ``naive`` (:func:`cauchy_naive`): the official algorithm, literally. The
-  (..., N, L/2+1) complex Cauchy tensor is materialised, the nodes z are built
-  from complex powers of omega. Slow and memory hungry (5.3 GB forward+backward
-  for H=64, L=16000) but obviously correct: the TEST ORACLE.
-* ``torch`` (:func:`cauchy_dplr`): the same sums in real arithmetic without
-  ever materialising the Cauchy tensor. The nodes are purely imaginary,
-  z_k = 2i tan(pi k / L), and multiplying through by cos(pi k / L) makes every
-  term finite, including the Nyquist node where z is infinite:
-
-      r_ij = c_k rho_ij,   rho_ij = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k)
-      K^   = (c_k + i s_k) [rho_00 - c_k rho_01 rho_10 / (1 + c_k rho_11)]
-
-  with (c_k, s_k) = (cos, sin)(pi k / L) computed in float64. The denominators
-  never vanish because Re w < 0. The broadcast multiply-and-sum over N is
-  compiled with torch.compile (Inductor fuses the Cauchy coefficients into the
-  reduction, and generates a fused backward too); without a working compiler it
-  runs eagerly in chunks over the frequencies, forward and written-out backward
-  alike. Either way memory is O(H L), not O(H N L).
-* ``keops``: the real-arithmetic sums as a pykeops reduction (optional import;
-  mostly useful on GPUs, slower than plain torch on CPU). pykeops was not
-  installable where this was written, so this path has not been run.
-
-``auto`` resolves to ``torch``. Compiling costs 30-90 s once per process on a 2-core CPU, which
-short jobs (the demo DAG, tests) never win back. So by default (SASHIMI_COMPILE unset or "auto")
-only large problems (H * (L/2+1) * N/2 >= 2^22, e.g. H=64, L >= 4096) ON A GPU use the compiled
-path; SASHIMI_COMPILE=1 compiles always (long CPU training runs, `sashimi bench train`), 0 never.
-Under "auto", a kernel of >= 2^23 terms that runs eagerly warns once, naming the switch.
+* ``naive`` (:func:`cauchy_naive`): the official algorithm, literally; it materialises the
+  (..., N, L/2+1) Cauchy tensor. Slow and memory hungry, obviously correct: the TEST ORACLE.
+* ``torch`` (:func:`cauchy_dplr`): the same sums in real arithmetic at the exact nodes
+  z_k = 2i tan(pi k / L), scaled by cos(pi k / L) so the Nyquist node stays finite; nothing of
+  size (H, N, K) is materialised. Compiled (torch.compile fuses the sums and a written-out
+  backward) or eager in chunks, as the caller's compile mode says (:func:`compile_enabled`).
+* ``keops``: the real-arithmetic sums as a pykeops reduction (the ``keops`` extra; see
+  :mod:`sashimi.ssm.keops`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sashimi.errors import UserError
 
@@ -66,7 +32,7 @@ BACKENDS = ("auto", "naive", "torch", "keops")
 _EAGER_CHUNK_ELEMENTS = 1 << 20
 # ... and of one (H, N2, K_chunk) temporary of its written-out backward.
 _EAGER_BACKWARD_CHUNK_ELEMENTS = 1 << 18
-# With SASHIMI_COMPILE=auto, compile only Cauchy problems with at least this many (H, K, N/2) terms.
+# In compile mode "auto", compile only CUDA Cauchy problems with at least this many (H, K, N/2) terms.
 _COMPILE_MIN_ELEMENTS = 1 << 22
 # Longest sum over frequencies in one compiled CPU backward call (see _cauchy_backward_compiled).
 _CPU_SUM_BLOCK = 4096
@@ -252,7 +218,9 @@ class _CauchyCompiled(torch.autograd.Function):
             try:
                 return (*_cauchy_backward_compiled(vr, vi, wr, wi, c, s, gr, gi), None, None)
             except Exception as err:
-                disable_compile(f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err})")
+                disable_compile(
+                    f"S4 Cauchy kernel backward: torch.compile failed ({type(err).__name__}: {err})"
+                )
         return (*_cauchy_backward_chunked(vr, vi, wr, wi, c, s, gr, gi), None, None)
 
 
@@ -262,10 +230,8 @@ def _cauchy_backward_compiled(
     """The compiled :func:`_cauchy_fused_backward`; on a CPU in blocks of at most _CPU_SUM_BLOCK
     frequencies. Shapes as there.
 
-    Inductor's C++ code sums a float reduction longer than 4096 through a "cascade" helper, for
-    accuracy over very long sums; here each of the 16 lanes sums only K/16 terms, and the helper
-    (10 accumulators kept in memory) slowed the whole backward by about a third: 12.4-14.7 against
-    16.6-20.9 ms at H=64, L=16,000 (2 cores, same process). Blocks of <= 4096 get plain registers.
+    Inductor's C++ code sums a float reduction longer than 4096 through a slower "cascade"
+    helper; blocks of <= 4096 keep plain register accumulators (docs/performance.md).
     """
 
     def call(*args: Tensor) -> tuple[Tensor, ...]:
@@ -284,9 +250,8 @@ def _cauchy_backward_chunked(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_cauchy_fused_backward` evaluated eagerly, in chunks over K.
 
-    Its (H, N2, K_chunk) temporaries stay at _EAGER_BACKWARD_CHUNK_ELEMENTS each (1 MB in float32,
-    so they mostly stay in cache: 0.35 s against 0.85 s with 4 MB chunks at H=64, L=16,000 on a
-    2-core CPU). Shapes as there.
+    Its (H, N2, K_chunk) temporaries stay at _EAGER_BACKWARD_CHUNK_ELEMENTS each (1 MB in float32),
+    small enough to stay in cache. Shapes as there.
     """
     H, N2 = wr.shape
     step = max(1, _EAGER_BACKWARD_CHUNK_ELEMENTS // max(1, H * N2))
@@ -294,8 +259,17 @@ def _cauchy_backward_chunked(
 
 
 def _sum_over_frequency_blocks(
-    fn: Callable, step: int, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor,
-    c: Tensor, s: Tensor, gr: Tensor, gi: Tensor, copy: bool = False,
+    fn: Callable,
+    step: int,
+    vr: Tensor,
+    vi: Tensor,
+    wr: Tensor,
+    wi: Tensor,
+    c: Tensor,
+    s: Tensor,
+    gr: Tensor,
+    gi: Tensor,
+    copy: bool = False,
 ) -> tuple[Tensor, ...]:
     """sum over blocks of `step` frequencies of fn(vr, vi, wr, wi, c, s, gr, gi) restricted to the
     block (the Cauchy gradients are sums over K). With `copy`, a block that is a proper slice is
@@ -334,10 +308,8 @@ def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor
 class _CauchyEager(torch.autograd.Function):
     """The Cauchy sums without a compiler: forward chunked over K through batched matmuls, backward
     the written-out gradient (:func:`_cauchy_backward_chunked`), also chunked. Nothing of size
-    (H, N2, K) is kept for the backward; only the inputs are. Autograd through the chunks instead
-    (even checkpointed, as this path was before) held an 18 GB peak RSS at paper size
-    (2 x 16,000 tokens, 8-layer SaShiMi) on a CPU, against ~3.5 GB compiled: glibc kept the
-    many freed per-chunk tensors of the graph.
+    (H, N2, K) is kept for the backward; only the inputs are, which keeps the peak memory near
+    the compiled path's (autograd through the chunks did not, docs/performance.md).
     """
 
     @staticmethod
@@ -373,41 +345,31 @@ def _cauchy_eager(
 def _cauchy_keops(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """pykeops reduction of the same real-arithmetic terms (batch over H, i = frequency, j = mode)."""
-    from pykeops.torch import LazyTensor
+    """The same sums as a pykeops reduction: :func:`sashimi.ssm.keops.cauchy_dplr`."""
+    from sashimi.ssm.keops import cauchy_dplr
 
-    M, H, N2 = vr.shape
-    K = c.shape[0]
-    vr_j = LazyTensor(vr.permute(1, 2, 0).reshape(H, 1, N2, M).contiguous())  # (H, 1, N2, M)
-    vi_j = LazyTensor(vi.permute(1, 2, 0).reshape(H, 1, N2, M).contiguous())  # (H, 1, N2, M)
-    wr_j = LazyTensor(wr.reshape(H, 1, N2, 1).contiguous())
-    wi_j = LazyTensor(wi.reshape(H, 1, N2, 1).contiguous())
-    c_i = LazyTensor(c.reshape(1, K, 1, 1).expand(H, K, 1, 1).contiguous())
-    s_i = LazyTensor(s.reshape(1, K, 1, 1).expand(H, K, 1, 1).contiguous())
-    a, b, g, d = _cauchy_coefficients(wr_j, wi_j, c_i, s_i)
-    re = (vr_j * a + vi_j * b).sum(dim=2)  # (H, K, M)
-    im = (vi_j * g - vr_j * d).sum(dim=2)  # (H, K, M)
-    return re.permute(2, 0, 1), im.permute(2, 0, 1)
+    return cauchy_dplr(vr, vi, wr, wi, c, s)
 
 
-_compiled: dict[str, Callable] = {}
-_compile_broken = False
-_compile_mode: str | None = None  # set_compile_mode(); None: read SASHIMI_COMPILE
-_MODES = ("auto", "1", "always", "true", "0", "never", "false")
+_compiled: dict[str, Callable] = {}  # the compiled Cauchy functions, built on first use
+_compile_broken = False  # a compilation failed in this process: eager from then on
+COMPILE_MODES = ("auto", "always", "never")
 
 
-def set_compile_mode(mode: str | None) -> None:
-    """Process-wide choice for the compiled Cauchy path: "auto" | "always" | "never" (also "1" / "0"),
-    or None to follow $SASHIMI_COMPILE again. The trainer sets it from `train.s4_compile`."""
-    global _compile_mode
-    if mode is not None and mode.lower() not in _MODES:
+def check_compile_mode(mode: str) -> str:
+    """`mode` if it is one of COMPILE_MODES, else a UserError."""
+    if mode not in COMPILE_MODES:
         raise UserError(f"S4 compile mode {mode!r}: expected auto, always or never")
-    _compile_mode = None if mode is None else mode.lower()
+    return mode
 
 
-def _mode() -> str:
-    """The compile mode in force: set_compile_mode's, else $SASHIMI_COMPILE's, else "auto"."""
-    return _compile_mode or os.environ.get("SASHIMI_COMPILE", "auto").lower()
+def set_compile_mode(model: nn.Module, mode: str) -> None:
+    """Give every layer of `model` that offers a compiled path (S4Kernel, S4Block, ChannelNorm:
+    a `compile_mode` attribute) this mode: "auto" | "always" | "never" (train.s4_compile)."""
+    check_compile_mode(mode)
+    for m in model.modules():
+        if hasattr(m, "compile_mode"):
+            m.compile_mode = mode
 
 
 def disable_compile(reason: str) -> None:
@@ -417,20 +379,19 @@ def disable_compile(reason: str) -> None:
     warnings.warn(f"{reason}; using eager", stacklevel=3)
 
 
-def compile_enabled(elements: int | None = None, device: torch.device | str | None = None) -> bool:
-    """Whether the compiled fused path is used for a problem of ``elements`` = H * K * N/2 Cauchy terms.
+def compile_enabled(
+    mode: str, elements: int | None = None, device: torch.device | str | None = None
+) -> bool:
+    """Whether the compiled path runs for a problem of ``elements`` = H * K * N/2 Cauchy terms.
 
-    SASHIMI_COMPILE (or :func:`set_compile_mode`): "0" never, "1" always, "auto" (default) on CUDA from _COMPILE_MIN_ELEMENTS
-    terms up (on a CPU only when asked: the compile time outweighs short jobs).
-    A failed compilation disables it for the rest of the process.
+    mode "never": no; "always": yes; "auto": on CUDA from _COMPILE_MIN_ELEMENTS terms up (on a
+    CPU the compile time outweighs short jobs). Never after a failed compilation, nor inside a
+    whole-model torch.compile (which compiles the eager code itself).
     """
-    if torch.compiler.is_compiling():  # inside a whole-model torch.compile (train.compile):
-        return False  # it compiles the eager code itself; nested compiled calls are untraceable
-    mode = _mode()
-    if mode in ("0", "never", "false") or _compile_broken or not hasattr(torch, "compile"):
+    if torch.compiler.is_compiling() or _compile_broken or not hasattr(torch, "compile"):
         return False
-    if mode in ("1", "always", "true"):
-        return True
+    if check_compile_mode(mode) != "auto":
+        return mode == "always"
     if device is not None and torch.device(device).type != "cuda":
         return False
     return elements is None or elements >= _COMPILE_MIN_ELEMENTS
@@ -439,17 +400,16 @@ def compile_enabled(elements: int | None = None, device: torch.device | str | No
 _pointwise: dict[Callable, Callable] = {}  # eager function -> its compiled-with-fallback form
 
 
-def maybe_compiled(fn: Callable, x: Tensor) -> Callable:
-    """``fn`` itself, or its torch.compile'd form when the compile switch is on for a tensor like ``x``
-    (:func:`compile_enabled` with x's element count in place of the Cauchy terms).
+def maybe_compiled(fn: Callable, x: Tensor, mode: str) -> Callable:
+    """``fn`` itself, or its torch.compile'd form when :func:`compile_enabled` (with x's element
+    count in place of the Cauchy terms).
 
-    For the pointwise glue around the matrix products and FFTs (the channel norm, GELU -> linear ->
-    GLU -> residual, ...): compiled, Inductor fuses each chain into one pass over memory instead of
-    one per op, in the forward and the backward. The compiled form is cached per function, with
-    dynamic shapes. If compiling fails it warns once, turns compiling off for the process
-    (:func:`disable_compile`) and runs ``fn`` eagerly, so results never depend on it.
+    For the pointwise glue around the matrix products and FFTs (the channel norm, GELU -> linear
+    -> GLU -> residual): compiled, Inductor fuses each chain into one pass over memory, forward
+    and backward. The compiled form is cached per function, with dynamic shapes. If compiling
+    fails it warns once, turns compiling off (:func:`disable_compile`) and runs ``fn`` eagerly.
     """
-    if not compile_enabled(x.numel(), x.device):
+    if not compile_enabled(mode, x.numel(), x.device):
         return fn
     call = _pointwise.get(fn)
     if call is None:
@@ -459,7 +419,9 @@ def maybe_compiled(fn: Callable, x: Tensor) -> Callable:
             try:
                 return compiled(*args, **kwargs)
             except Exception as err:  # no working compiler: stay correct, go eager for good
-                disable_compile(f"{fn.__name__}: torch.compile failed ({type(err).__name__}: {err})")
+                disable_compile(
+                    f"{fn.__name__}: torch.compile failed ({type(err).__name__}: {err})"
+                )
                 return fn(*args, **kwargs)
 
         _pointwise[fn] = call
@@ -514,19 +476,22 @@ def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "to
     return torch.complex(*(_cauchy_keops if backend == "keops" else _cauchy_eager)(*args))
 
 
-def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str) -> Tensor:
-    """K^ at the nodes (c, s): Cauchy sums (compiled and fused when enabled) then rank-1 Woodbury.
+def generating_function(
+    v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str, compile: str = "auto"
+) -> Tensor:
+    """K^ at the nodes (c, s): Cauchy sums (compiled and fused when `compile` mode enables it)
+    then rank-1 Woodbury.
 
     v: (M, H, N2) complex with M = 2 (ch + 1) as in :func:`_woodbury_real`; dtA: (H, N2).
     Returns (ch, H, K) complex.
     """
     out = None
     terms = dtA.numel() * c.numel()  # H * K * N2
-    if backend == "torch" and compile_enabled(terms, dtA.device):
+    if backend == "torch" and compile_enabled(compile, terms, dtA.device):
         args = [_mode_major(x) for x in (v.real, v.imag, dtA.real, dtA.imag)]
         out = _generating_function_compiled(*args, c, s)
     elif backend == "torch" and terms >= _EAGER_HINT_ELEMENTS and not _hinted:
-        _hint_eager(terms)
+        _hint_eager(terms, compile)
     if out is None:
         rho = cauchy_dplr(v, dtA, c, s, backend)  # (M, H, K)
         out = _woodbury_real(rho.real, rho.imag, c, s)
@@ -534,20 +499,20 @@ def generating_function(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: s
 
 
 _hinted = False
-# Eager problems from this size up get a one-time hint (paper-size SC09 on a CPU: 1.6e7 terms).
+# Eager problems from this size up get a one-time hint (paper-size SC09 has 1.6e7 terms).
 _EAGER_HINT_ELEMENTS = 1 << 23
 
 
-def _hint_eager(terms: int) -> None:
-    """Warn once per process that a large kernel runs eagerly: on a 2-core CPU the paper SC09
-    SaShiMi trains at ~8 s per step (2 x 16,000 tokens) eagerly, ~2.4 s compiled."""
+def _hint_eager(terms: int, mode: str) -> None:
+    """Warn once per process that a large kernel runs eagerly (several times slower than
+    compiled on a CPU, docs/performance.md), unless eager was asked for."""
     global _hinted
     _hinted = True
-    if _mode() in ("0", "never", "false") or _compile_broken or torch.compiler.is_compiling():
+    if mode == "never" or _compile_broken or torch.compiler.is_compiling():
         return  # asked for (or no compiler): nothing to suggest
     warnings.warn(
         f"S4 kernel with {terms:.2e} Cauchy terms runs eagerly; for long runs set train.s4_compile: "
-        "always (or SASHIMI_COMPILE=1): it compiles once (about a minute) and trains ~3x faster",
+        "always: it compiles once (about a minute) and trains ~3x faster",
         stacklevel=3,
     )
 
@@ -556,147 +521,37 @@ def _mode_major(x: Tensor) -> Tensor:
     """x (..., H, N2), on a CPU laid out with the modes as the slow dim (strides (..., 1, H)).
 
     The compiled Cauchy forward then vectorises along the frequencies and accumulates over the
-    modes in registers; from the usual layout Inductor vectorised along the 32 modes and paid
-    8 horizontal vector sums per (channel, frequency): 7.0 against 10.8 ms at H=64, L=16,000
-    on 2 cores. On a GPU the layout is left as it was measured (contiguous)."""
+    modes in registers, instead of paying horizontal vector sums over the modes
+    (docs/performance.md). On a GPU the layout is left contiguous."""
     if x.device.type != "cpu":
         return x.contiguous()
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _kernel_fast(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str) -> Tensor:
+def _kernel_fast(
+    dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int, backend: str, compile: str = "auto"
+) -> Tensor:
     """Kernel through the c-scaled Cauchy sums (exact at the Nyquist node). Shapes as in :func:`_kernel_naive`."""
     c, s = frequency_nodes(L, dtA.real.dtype, dtA.device)  # (K,)
-    k_f = generating_function((Bs * Cs).flatten(0, 1), dtA, c, s, backend)  # (c, H, K)
+    v = (Bs * Cs).flatten(0, 1)  # (M, H, N2)
+    k_f = generating_function(v, dtA, c, s, backend, compile)  # (c, H, K)
     return torch.fft.irfft(k_f, n=L)  # (c, H, L)
 
 
 def dplr_kernel(
-    dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto"
-) -> Tensor:
+    dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto",
+    compile: str = "auto",
+) -> Tensor:  # fmt: skip
     """Length-L convolution kernel of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
 
     dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored
     C~ = C (I - A-bar^L) for length L; dt: (H,) real. Returns K: (c, H, L) real with
     K[c, h, l] = C_ext A-bar^l B-bar_ext for l < L (conjugate-extended state of size N = 2 N2).
+    `compile`: the compile mode of the torch backend's Cauchy sums (see :func:`compile_enabled`).
     """
     backend = resolve_backend(backend)
     Bs = torch.stack([B, P]).unsqueeze(1) * dt.unsqueeze(-1)  # (2, 1, H, N2): (B, P) dt
     Cs = torch.cat([C, P.conj().unsqueeze(0)]).unsqueeze(0)  # (1, c+1, H, N2): (C~, Q), Q = conj(P)
     if backend == "naive":
         return _kernel_naive(dtA, Bs, Cs, L)
-    return _kernel_fast(dtA, Bs, Cs, L, backend)
-
-
-# ----------------------------------------------------------------------------------------------
-# Micro-benchmark (called by `sashimi bench`)
-# ----------------------------------------------------------------------------------------------
-
-
-class _PeakRSS:
-    """Peak resident memory above the level at entry, sampled from /proc/self/statm in a thread."""
-
-    def __init__(self, interval: float = 1e-3):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> _PeakRSS:
-        self.base = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self.base)
-
-
-def benchmark_kernel(
-    H: int = 64,
-    L: int = 16000,
-    backend: str = "auto",
-    N: int = 64,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    repeats: int = 3,
-) -> dict:
-    """Time one S4 kernel computation (forward, and forward+backward) and its peak extra memory.
-
-    Builds a fresh n_ssm=1 kernel with H channels and state size N, converts C to C~ at length L
-    (not timed), warms up once (this includes torch.compile for the fused backend), then reports
-    the median over ``repeats`` runs. Memory is the peak above the level before the measured
-    run: CUDA allocator peak on GPUs, sampled process RSS on CPU (so approximate there).
-    """
-    from sashimi.ssm.s4 import S4Kernel
-
-    device = torch.device(device)
-    kernel = S4Kernel(H, N=N, backend=backend).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        kernel(L)  # C -> C~ at length L
-    weight = torch.randn(1, H, L, device=device, dtype=dtype)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def fwd() -> None:
-        with torch.no_grad():
-            kernel(L)
-        sync()
-
-    def fwd_bwd() -> None:
-        kernel.zero_grad(set_to_none=True)
-        (kernel(L) * weight).sum().backward()
-        sync()
-
-    def measure(fn: Callable[[], None]) -> tuple[float, float]:
-        fn()  # warm-up (and compilation)
-        times, peak = [], 0
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-                peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
-            else:
-                with _PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                peak = max(peak, mem.peak)
-        return sorted(times)[len(times) // 2], peak / 2**20
-
-    fwd_s, fwd_mb = measure(fwd)
-    fwd_bwd_s, fwd_bwd_mb = measure(fwd_bwd)
-    fused = resolve_backend(backend) == "torch" and compile_enabled(H * (L // 2 + 1) * (N // 2), device)
-    return {
-        "H": H,
-        "L": L,
-        "N": N,
-        "backend": resolve_backend(backend)
-        + ("-compiled" if fused else ("" if backend == "naive" else "-eager")),
-        "dtype": str(dtype).replace("torch.", ""),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "forward_s": fwd_s,
-        "forward_backward_s": fwd_bwd_s,
-        "forward_peak_mb": fwd_mb,
-        "forward_backward_peak_mb": fwd_bwd_mb,
-    }
+    return _kernel_fast(dtA, Bs, Cs, L, backend, compile)

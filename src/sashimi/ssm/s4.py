@@ -1,62 +1,25 @@
 """S4 layer (DPLR state space) as used by SaShiMi: convolution mode to train, recurrent mode to sample.
 
-Model, per channel h (N = d_state; the state is kept as N/2 complex-conjugate pairs):
+Per channel h (N = d_state, kept as N/2 complex-conjugate pairs):
 
     A = diag(Lambda) - P P^*    Re Lambda = -exp(A_real) < 0, Im Lambda = -A_imag, Q tied to conj(P)
     dt = softplus(inv_dt)       A-bar = (I - dt/2 A)^{-1} (I + dt/2 A), B-bar = (I - dt/2 A)^{-1} dt B
     y = K * u + D u             K[l] = C A-bar^l B-bar, causal FFT convolution of size 2L
     out = output_linear(dropout(GELU(y)))      glu=True: Linear(H, 2H) then GLU over features
 
-Bidirectional: C has two channels; C[0] gives the causal kernel k0 and C[1] a backward kernel k1,
-combined as in the official FFTConv: y[t] = sum_s k0[s] u[t-s] + sum_s k1[s] u[t+1+s] + D u[t]
-(k1 is applied to the time-reversed future, shifted by one step). It has no recurrent mode.
-
-Because Re Lambda < 0 and P P^* is positive semidefinite, A + A^* is negative definite, so the
-bilinear A-bar is a strict contraction for ANY parameter values and any dt > 0: recurrent
-generation cannot blow up (the paper's stability fix).
-
-C~ semantics (as in the official code): the stored C is C~ = C (I - A-bar^l), i.e. (I - A-bar^l)^T C
-in column form, relative to the buffer ``l_kernel``. l_kernel == 0 means raw C; the first forward
-at length L converts C in place and sets l_kernel = L; a longer request doubles l_kernel
-(multiplying C~ by (I + A-bar^l)) until it covers L; a shorter request truncates the kernel. The
-recurrent mode recovers C from C~.
-
-Recurrent mode runs in float64 on the diagonalised system (A = V diag(sigma) V^{-1}, computed
-once per SSM copy, so once per layer when n_ssm = 1): one complex multiply-add per mode and one dot
-product per step. A float32 modal state is wrong (V is ill-conditioned, cond ~ 1e8 at init); in
-float64 the error is ~cond * 1e-16. A dense, exact step is the fallback for worse conditioning.
-
-Parameters (float32; complex tensors are real views with a trailing (re, im) dim of 2):
-
-    kernel.inv_dt    (H, 1)                kernel.C        (channels, H, N/2, 2)
-    kernel.B         (1, n_ssm, N/2, 2)    kernel.A_real   (n_ssm, N/2)
-    kernel.A_imag    (n_ssm, N/2)          kernel.P        (1, n_ssm, N/2, 2)
-    kernel.l_kernel  () int64 buffer       D               (1, H)
-    output_linear.weight (H or 2H, H)      output_linear.bias (H or 2H,)
-
-channels = 2 when bidirectional, else 1. With n_ssm < H the (Lambda, P, B) copies are tiled over
-the channels: channel h uses copy h % n_ssm (the official '(v t)' layout).
-
-Official (state-spaces/s4 v4) S4Block state dicts map onto ours by renaming only; shapes and
-values are identical (:func:`official_s4_key`, :meth:`S4Block.load_official_state_dict`):
-
-    layer.D                        ->  D
-    layer.kernel.<name>            ->  kernel.<name>   (inv_dt, C, B, A_real, A_imag, P, l_kernel)
-    output_linear.0.weight / bias  ->  output_linear.weight / bias
-
-The "S4 v3" standalone layer of albertfgu/diffwave-sashimi (n_ssm = H) stores log_dt (H) with
-dt = exp(log_dt), inv_w_real (n_ssm, N/2) with Re Lambda = -exp(inv_w_real), w_imag with
-Im Lambda = w_imag, the buffer kernel.kernel.L and a (2H, H, 1) output weight;
-:func:`convert_v3_kernel_state` and :func:`convert_v3_s4_state` convert those (dt is re-expressed
-through the inverse softplus; the kernel is unchanged).
+Re Lambda < 0 and P P^* >= 0 make A-bar a strict contraction for any parameters and dt > 0, so
+recurrent generation cannot blow up (the paper's stability fix). The stored C is C~ = C (I - A-bar^l)
+as in the official code (see S4Kernel). Recurrent mode runs the diagonalised system in float64
+(`S4Block.modal_form`), or the exact dense step when the eigenbasis is too ill-conditioned.
+Official v4 and "S4 v3" state dicts load by renaming (official_s4_key, convert_v3_*).
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -67,9 +30,8 @@ from sashimi.errors import UserError
 from sashimi.ssm import kernels
 from sashimi.ssm.kernels import dplr_kernel, resolve_backend
 
-# Learning-rate / weight-decay hints for the SSM parameters (Lambda, P, B, dt), in the official
-# `_optim` attribute convention: train with lr 1e-3 and no weight decay.
-SSM_OPTIM = {"lr": 1e-3, "weight_decay": 0.0}
+# The SSM parameters (Lambda, P, B, dt): S4Kernel declares them (`ssm_parameter_names`), and the
+# optimiser gives them train.ssm_lr and no weight decay (sashimi.optim).
 SSM_PARAMETER_NAMES = ("inv_dt", "A_real", "A_imag", "B", "P")
 
 # Above this eigenvector condition number the float64 modal step would lose more than ~1e-6
@@ -134,7 +96,19 @@ def _conj_ext(x: Tensor) -> Tensor:
 
 
 class S4Kernel(nn.Module):
-    """DPLR SSM parameters and the length-L convolution kernel (channels, H, L)."""
+    """DPLR SSM parameters and the length-L convolution kernel (channels, H, L).
+
+    Parameters (float32; complex ones are real views with a trailing (re, im) dim of 2):
+    inv_dt (H, 1), C (channels, H, N/2, 2), B and P (1, n_ssm, N/2, 2), A_real and A_imag
+    (n_ssm, N/2), and the int64 buffer l_kernel. channels = 2 when bidirectional (C[0] the
+    causal kernel, C[1] the backward one). With n_ssm < H channel h uses copy h % n_ssm (the
+    official '(v t)' layout). C~ bookkeeping: l_kernel == 0 means raw C; the first forward at
+    length L converts C to C~ = C (I - A-bar^L) in place; a longer request doubles l_kernel
+    (C~ times (I + A-bar^l)); a shorter one truncates the kernel. `compile_mode` picks the
+    compiled or eager Cauchy path (kernels.set_compile_mode).
+    """
+
+    ssm_parameter_names = SSM_PARAMETER_NAMES  # own lr, no weight decay (sashimi.optim)
 
     def __init__(
         self,
@@ -153,6 +127,7 @@ class S4Kernel(nn.Module):
             raise UserError(f"S4 n_ssm={n_ssm} must divide d_model={H}")
         resolve_backend(backend)
         self.H, self.N, self.channels, self.n_ssm, self.backend = H, N, channels, n_ssm, backend
+        self.compile_mode = "auto"
         N2 = N // 2
 
         # Same random draws, in the same order, as the official SSMKernelDPLR (seeded inits coincide).
@@ -169,8 +144,6 @@ class S4Kernel(nn.Module):
         self.A_real = nn.Parameter(copies(torch.log(-Lambda.real)[None]))  # (n_ssm, N2)
         self.A_imag = nn.Parameter(copies(-Lambda.imag[None]))  # (n_ssm, N2)
         self.P = nn.Parameter(copies(torch.view_as_real(P)[None]).unsqueeze(0))  # (1, n_ssm, N2, 2)
-        for name in SSM_PARAMETER_NAMES:
-            getattr(self, name)._optim = dict(SSM_OPTIM)
         self.register_buffer("l_kernel", torch.tensor(0, dtype=torch.int64))
 
     # -- parameters ------------------------------------------------------------------------------
@@ -243,7 +216,8 @@ class S4Kernel(nn.Module):
         l = int(self.l_kernel)
         with torch.autocast(self.C.device.type, enabled=False):
             dt, Lambda, B, P, C = self.ssm_params()
-            K = dplr_kernel(Lambda * dt.unsqueeze(-1), B, P, C, dt, l, self.backend)  # (c, H, l)
+            dtA = Lambda * dt.unsqueeze(-1)  # (H, N2)
+            K = dplr_kernel(dtA, B, P, C, dt, l, self.backend, self.compile_mode)  # (c, H, l)
         return K[..., :L]
 
     # -- recurrent mode --------------------------------------------------------------------------
@@ -270,6 +244,8 @@ class S4Kernel(nn.Module):
         A = V diag(sigma) V^{-1} once per SSM copy (shared by all channels when n_ssm = 1); per channel
         lambda-bar = (1 + dt sigma/2)/(1 - dt sigma/2). With s_t = lambda-bar s_{t-1} + u_t the output is
         y_t = Re(sum_m c-hat_m s_t,m), c-hat = (C V) * (V^{-1} B-bar); C V follows from C~ V / (1 - lambda-bar^l).
+        Float64 because V is ill-conditioned (cond ~ 1e8 at init): the error is ~cond * 1e-16, and a
+        float32 modal state would be wrong.
         """
         A = self.dense_A()  # (n_ssm, N, N)
         sigma, V = torch.linalg.eig(A)  # (n_ssm, N), (n_ssm, N, N)
@@ -304,8 +280,8 @@ class FFTConv(torch.autograd.Function):
 
         G = rfft(g, n)    dL/dx = irfft(G conj(K))[:L] + D g    dL/dk = irfft(sum_b G conj(X))[:n_k]
 
-    x: (B, L, H), k: (H, n_k), D: (H,) -> (B, L, H). About 25% faster than autograd through
-    torch.fft on a CPU at (2, 16000, 64); equal to it to float32 rounding (tests/test_s4.py).
+    x: (B, L, H), k: (H, n_k), D: (H,) -> (B, L, H). Equal to autograd through torch.fft to
+    float32 rounding (tests/test_s4.py), and faster (docs/performance.md).
     """
 
     @staticmethod
@@ -315,7 +291,7 @@ class FFTConv(torch.autograd.Function):
         k_f = torch.fft.rfft(k, n=n)  # (H, L+1)
         x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (B, H, L+1)
         y = torch.fft.irfft(x_f * k_f, n=n)[..., :L]  # (B, H, L)
-        ctx.save_for_backward(x, x_f, k_f, D)  # x_f kept for dL/dk: ~230 MB at paper size, ~8% of a step
+        ctx.save_for_backward(x, x_f, k_f, D)  # x_f kept for dL/dk (memory for time)
         ctx.n_k = n_k
         if torch.compiler.is_compiling():  # (a whole-model torch.compile: no out= here, as
             # a traced forward's out= result comes back cut off from this Function's backward)
@@ -331,14 +307,15 @@ class FFTConv(torch.autograd.Function):
         n = 2 * L
         g_f = torch.fft.rfft(g.transpose(1, 2), n=n)  # (B, H, L+1)
         gx = gk = gD = None
-        if ctx.needs_input_grad[1]:  # sum_b G conj(X), accumulated in place: ~2x faster than mul-then-sum
+        if ctx.needs_input_grad[1]:  # sum_b G conj(X), accumulated in place
             gk_f = g_f[0] * x_f[0].conj()  # (H, L+1)
             for b in range(1, g_f.shape[0]):
                 gk_f.addcmul_(g_f[b], x_f[b].conj())
             gk = torch.fft.irfft(gk_f, n=n)[..., : ctx.n_k]  # (H, n_k)
         if ctx.needs_input_grad[0]:  # (g_f is not needed after this: multiplied in place)
             gx = torch.fft.irfft(g_f.mul_(k_f.conj()), n=n)[..., :L].transpose(1, 2)  # (B, L, H)
-            gx = torch.addcmul(gx, g, D, out=torch.empty_like(g))  # (B, L, H) contiguous, as forward
+            # (B, L, H) contiguous, as forward
+            gx = torch.addcmul(gx, g, D, out=torch.empty_like(g))
         if ctx.needs_input_grad[2]:
             gD = (g * x).sum((0, 1))  # (H,)
         return gx, gk, gD
@@ -355,7 +332,7 @@ def s4_head(
     """Pointwise part of S4Block, shared by both modes: GELU -> dropout(p) -> output linear (-> GLU)
     (+ residual). y: (..., H) -> (..., H). Dropout sits after the GELU as in the official S4Block.
     A plain function of tensors, so that `kernels.maybe_compiled` can fuse it (training forward),
-    and with no module-hook overhead (which matters for batch-1 stepping)."""
+    and with no module hooks in the batch-1 step."""
     y = F.gelu(y)
     if p > 0:
         y = F.dropout(y, p)
@@ -365,13 +342,32 @@ def s4_head(
     return y if residual is None else y + residual
 
 
+class ModalForm(NamedTuple):
+    """An S4Block's recurrence in diagonal float64 form, per channel h and mode m:
+    s_t = lam s_{t-1} + u_t,  y_t = Re(sum_m c_m s_t,m) + D u_t,  out = W GELU(y) + b (-> GLU).
+    `cond` is the eigenbasis' condition number; not `stable` when too large for float64."""
+
+    lam: Tensor  # (H, N) complex128, poles lambda-bar
+    c: Tensor  # (H, N) complex128, output weights c-hat
+    D: Tensor  # (H,) float64
+    W: Tensor  # (H or 2H, H), the output linear's weight
+    b: Tensor  # (H or 2H,)
+    glu: bool
+    cond: float
+
+    @property
+    def stable(self) -> bool:
+        return self.cond < _MAX_MODAL_COND
+
+
 class S4Block(nn.Module):
     """S4 layer on (B, L, H) inputs: FFTConv(u) + D u -> GELU -> dropout -> output linear (-> GLU).
 
     Dropout sits between the GELU and the output linear, as in the official S4Block (v3 and v4).
     Recurrent mode (``setup_step``, ``default_state``, ``step``) runs a float64 modal (diagonalised)
     state: one complex multiply-add per mode and one dot product per step. If the eigenvector basis
-    is too ill-conditioned for float64 (cond > 1e10) it falls back to the exact dense step.
+    is too ill-conditioned for float64 (cond > _MAX_MODAL_COND) it falls back to the exact dense
+    step. `modal_form()` hands the modal system to other steppers (the fused generation engine).
     """
 
     def __init__(
@@ -402,12 +398,17 @@ class S4Block(nn.Module):
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Linear(H, 2 * H if glu else H)
+        self.compile_mode = "auto"  # the pointwise tail (kernels.set_compile_mode)
         self._step_mode: str | None = None
 
     # -- convolution mode ------------------------------------------------------------------------
 
     def fft_conv(self, u: Tensor) -> Tensor:
-        """Linear SSM part y = K * u + D u on (B, L, H) (causal, or two-sided when bidirectional)."""
+        """Linear SSM part y = K * u + D u on (B, L, H) (causal, or two-sided when bidirectional).
+
+        Bidirectional, as the official FFTConv: y[t] = sum_s k0[s] u[t-s] + sum_s k1[s] u[t+1+s]
+        + D u[t], k0 = the kernel of C[0], k1 = that of C[1] (applied to the future, shifted by one).
+        """
         L = u.size(1)
         x = u if u.dtype in (torch.float32, torch.float64) else u.float()
         K = self.kernel(L)  # (channels, H, L)
@@ -425,10 +426,21 @@ class S4Block(nn.Module):
         y = self.fft_conv(u).to(u.dtype)  # (B, L, H)
         W, b = self.output_linear.weight, self.output_linear.bias
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        head = s4_head if p > 0 else kernels.maybe_compiled(s4_head, y)  # dropout: torch's RNG, eager
+        # with dropout: eager (torch's RNG)
+        head = s4_head if p > 0 else kernels.maybe_compiled(s4_head, y, self.compile_mode)
         return head(y, W, b, self.glu, residual, p)
 
     # -- recurrent mode --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def modal_form(self) -> ModalForm:
+        """The diagonalised recurrence from the current parameters (see ModalForm)."""
+        if self.bidirectional:
+            raise UserError("S4Block(bidirectional=True) has no recurrent (step) mode")
+        lam, c, cond = self.kernel.modal_system()  # (H, N), (1, H, N)
+        W, b = self.output_linear.weight.detach(), self.output_linear.bias.detach()
+        D = self.D.double()[0]  # (H,)
+        return ModalForm(lam, c[0], D, W, b, self.glu, cond)
 
     @torch.no_grad()
     def setup_step(self, mode: str = "auto") -> None:
@@ -442,11 +454,11 @@ class S4Block(nn.Module):
             raise UserError(f"unknown S4 step mode {mode!r}; expected auto, modal or dense")
         D = self.D.double()[0]  # (H,)
         if mode in ("auto", "modal"):
-            lam, c, cond = self.kernel.modal_system()  # (H, N), (1, H, N)
-            if mode == "modal" or cond < _MAX_MODAL_COND:
+            form = self.modal_form()
+            if mode == "modal" or form.stable:
                 # An extra mode with pole 0 and weight D carries the skip term: its state is just u_t.
-                lam = F.pad(lam, (0, 1))  # (H, M = N+1) complex128
-                c = torch.cat([c[0], D.to(c.dtype).unsqueeze(-1)], dim=-1)  # (H, M)
+                lam = F.pad(form.lam, (0, 1))  # (H, M = N+1) complex128
+                c = torch.cat([form.c, D.to(form.c.dtype).unsqueeze(-1)], dim=-1)  # (H, M)
                 self._lam = lam  # (H, M) complex128
                 # Re(c-hat . s) as a real dot product with the (re, im) view of s: weights (Re c, -Im c).
                 self._c_ri = torch.stack([c.real, -c.imag], dim=-1).flatten(-2)  # (H, 2M)
@@ -455,7 +467,8 @@ class S4Block(nn.Module):
                 self._step_mode = "modal"
                 return
             msg = (
-                f"S4 step: eigenvectors too ill-conditioned (cond {cond:.1e}); using the dense step"
+                f"S4 step: eigenvectors too ill-conditioned (cond {form.cond:.1e}); "
+                "using the dense step"
             )
             warnings.warn(msg, stacklevel=2)
         dA, dB, C = self.kernel.step_system()
@@ -514,7 +527,9 @@ class S4Block(nn.Module):
 
 
 def official_s4_key(key: str) -> str:
-    """Map one key of an official v4 S4Block state dict onto ours (see the module docstring)."""
+    """Map one key of an official (state-spaces/s4 v4) S4Block state dict onto ours; shapes and
+    values are identical: layer.D -> D, layer.kernel.<name> -> kernel.<name>,
+    output_linear.0.weight / bias -> output_linear.weight / bias."""
     if key.startswith("layer."):
         return key[len("layer.") :]
     if key.startswith("output_linear.0."):
@@ -527,7 +542,9 @@ def convert_v3_kernel_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     Keys may carry a common prefix (e.g. 'kernel.kernel.'); the result has the same prefix replaced by
     nothing, i.e. keys inv_dt, A_real, A_imag, B, P, C, l_kernel ready to load into :class:`S4Kernel`.
-    dt = exp(log_dt) is re-expressed as inv_dt = softplus^{-1}(dt) (computed in float64).
+    The v3 layer of albertfgu/diffwave-sashimi (n_ssm = H) has dt = exp(log_dt), Re Lambda =
+    -exp(inv_w_real) and Im Lambda = w_imag; dt is re-expressed as inv_dt = softplus^{-1}(dt)
+    (computed in float64), so the kernel is unchanged.
     """
     names = {"log_dt", "inv_w_real", "w_imag", "B", "P", "C", "L"}
     found = {k.rsplit(".", 1)[-1]: v for k, v in sd.items() if k.rsplit(".", 1)[-1] in names}
@@ -565,26 +582,3 @@ def convert_v3_s4_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             v.reshape(v.shape[0], -1) if name == "weight" else v.reshape(-1)
         )
     return out
-
-
-def benchmark_step(
-    H: int = 64,
-    batch: int = 1,
-    steps: int = 2000,
-    mode: str = "auto",
-    compiled: bool = False,
-    glu: bool = False,
-) -> dict:
-    """Seconds per recurrent step of one S4Block (eval, inference mode); optionally torch.compile'd."""
-    blk = S4Block(H, glu=glu).eval()
-    blk.setup_step(mode)
-    step = torch.compile(blk.step, fullgraph=True) if compiled else blk.step
-    state, u = blk.default_state(batch), torch.randn(batch, H)
-    with torch.inference_mode():
-        for _ in range(max(10, steps // 20)):  # warm-up (and compilation)
-            y, state = step(u, state)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            y, state = step(u, state)
-        seconds = (time.perf_counter() - t0) / steps
-    return {"H": H, "batch": batch, "mode": blk._step_mode, "compiled": compiled, "step_s": seconds}
