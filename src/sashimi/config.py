@@ -33,7 +33,7 @@ from sashimi.errors import UserError
 
 SCALES = ("demo", "paper")
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = ROOT / "workflow" / "schemas" / "params.schema.yaml"
+SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")  # package data: works installed
 
 
 @dataclass(frozen=True)
