@@ -235,7 +235,6 @@ def _figure(benches: dict[str, dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sashimi.io import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     kinds = [k for k in KINDS if k in benches]
@@ -264,10 +263,9 @@ def _figure(benches: dict[str, dict], path: Path) -> Path:
         ax.set_title(title)
     axes[0].legend(fontsize=7)
     fig.suptitle("Speed on this machine: ours vs the naive / official-style reference", y=1.04)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    from sashimi.report.figures import save_figure
+
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -193,7 +193,6 @@ def _figure(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sashimi.io import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for res in results:
@@ -211,10 +210,9 @@ def _figure(results: list[dict], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Stability ablation: recurrent generation, ours vs unconstrained S4", y=1.04)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    from sashimi.report.figures import save_figure
+
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -76,7 +76,8 @@ def _plt():
     return plt, sns
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG atomically and free it."""
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -126,7 +127,7 @@ def fig_training_curves(P: Params, results: dict[str, RunResult], path: Path) ->
     g.set_titles("{col_name}")
     g.set_axis_labels("step", "")
     g.figure.suptitle(f"Training curves ({P.scale} scale)", y=1.02)
-    return _save(g.figure, path)
+    return save_figure(g.figure, path)
 
 
 def fig_nll_vs_params(
@@ -168,7 +169,7 @@ def fig_nll_vs_params(
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("test NLL (bits/sample)")
     ax.set_title(f"NLL vs parameters ({P.scale} scale; paper points for reference)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_speed(P: Params, results: dict[str, RunResult], path: Path) -> Path | None:
@@ -199,7 +200,7 @@ def fig_speed(P: Params, results: dict[str, RunResult], path: Path) -> Path | No
     )
     g.set_titles("{col_name}")
     g.figure.suptitle(f"Speed ({P.scale} scale, this machine)", y=1.02)
-    return _save(g.figure, path)
+    return save_figure(g.figure, path)
 
 
 def log_mel(x: np.ndarray, sr: int) -> np.ndarray:
@@ -240,4 +241,4 @@ def fig_spectrograms(
         ax.set_yticks([])
     fig.suptitle(f"Log-mel spectrograms: {ds_key} ({P.scale} scale)", y=1.0 + 0.08 / nrow)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
