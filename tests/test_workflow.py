@@ -8,6 +8,7 @@ instantly, so Snakemake records real metadata (params, inputs) to compare agains
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import yaml
 from sashimi.config import ROOT, load_params
 
 BIN = Path(sys.executable).parent
-COPY = ["workflow", "dvc.yaml", ".dvcignore", "params.yaml", "src"]
+COPY = ["Snakefile", "profiles", "workflow", "dvc.yaml", ".dvcignore", "params.yaml", "src"]
 REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")  # the rules' `> {log} 2>&1`
 
 FAKE_SASHIMI = r"""#!/usr/bin/env bash
@@ -41,6 +42,7 @@ esac
 
 
 def _copy_repo(dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
     for name in COPY:
         src = ROOT / name
         if src.is_dir():
@@ -64,21 +66,53 @@ def _norm(cmd: str) -> str:
     return " ".join(REDIRECT.sub("", cmd).split())
 
 
-def snakemake_commands(cwd: Path, env: dict | None = None) -> list[str]:
+def snakemake_jobs(cwd: Path, env: dict | None = None) -> list[tuple[str, set[str]]]:
+    """(command, input files) of every job of `snakemake -n -p -F all`."""
     out = _run([str(BIN / "snakemake"), "-n", "-p", "-F", "all"], cwd, env)
-    cmds = [
-        _norm(line.split(":", 1)[1])
-        for line in out.splitlines()
-        if line.startswith("Shell command:")
-    ]
-    return sorted(c for c in cmds if c != "None")  # `rule all` has no command
+    jobs, inputs = [], set()
+    for line in out.splitlines():
+        if re.match(r"^(?:local)?rule \S+:$", line.strip()):
+            inputs = set()
+        elif line.strip().startswith("input:"):
+            inputs = {x.strip() for x in line.split(":", 1)[1].split(",")}
+        elif line.startswith("Shell command:"):
+            cmd = _norm(line.split(":", 1)[1])
+            if cmd != "None":  # `rule all` has no command
+                jobs.append((cmd, inputs))
+    return jobs
+
+
+def snakemake_commands(cwd: Path, env: dict | None = None) -> list[str]:
+    return sorted(cmd for cmd, _ in snakemake_jobs(cwd, env))
+
+
+def _dvc_init(cwd: Path) -> None:
+    if not (cwd / ".dvc").is_dir():
+        _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd)
 
 
 def dvc_commands(cwd: Path) -> list[str]:
-    if not (cwd / ".dvc").is_dir():
-        _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd)
+    _dvc_init(cwd)
     out = _run([str(BIN / "dvc"), "repro", "--dry", "-f"], cwd)
     return sorted(_norm(line[2:]) for line in out.splitlines() if line.startswith("> "))
+
+
+LIST_STAGES = """
+import json, sys
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+with Repo(sys.argv[1]) as repo:
+    stages = [s for s in repo.index.stages if s.cmd]
+    files = [[d.def_path for d in s.deps if not isinstance(d, ParamsDependency)] for s in stages]
+    print(json.dumps([[s.cmd, deps] for s, deps in zip(stages, files)]))
+"""
+
+
+def dvc_stage_deps(cwd: Path) -> list[tuple[str, list[str]]]:
+    """(command, declared file deps: params left out) of every stage of dvc.yaml, as DVC resolves them."""
+    _dvc_init(cwd)
+    out = _run([sys.executable, "-c", LIST_STAGES, str(cwd)], cwd)
+    return [(_norm(cmd), deps) for cmd, deps in json.loads(out.strip().splitlines()[-1])]
 
 
 def planned_jobs(cwd: Path, targets: list[str], env: dict | None = None) -> set[tuple[str, str]]:
@@ -130,9 +164,57 @@ def test_snakemake_and_dvc_run_the_same_commands(repo, dvc_cmds):
     assert smk.count("sashimi report") == 1
 
 
+# Snakemake's inputs are marker files where DVC's deps are the folders they stand for.
+SMK_TO_DVC = [
+    (re.compile(r"^(data/prepared/[^/]+)/manifest\.json$"), r"\1"),
+    (re.compile(r"^(results/runs/[^/]+)/train\.done$"), r"\1/checkpoints"),
+]
+
+
+def _smk_dep(path: str) -> str:
+    for pattern, repl in SMK_TO_DVC:
+        path = pattern.sub(repl, path)
+    return path
+
+
+def _dvc_dep(repo: Path, path: str) -> set[str]:
+    """A source folder stands for its *.py files (what the rules' `code()` lists), or for all its
+    files when it holds no Python (e.g. src/sashimi/reference)."""
+    full = repo / path
+    if not (path.startswith("src/") and full.is_dir()):
+        return {path}
+    files = sorted(full.glob("*.py")) or sorted(f for f in full.iterdir() if f.is_file())
+    return {str(f.relative_to(repo)) for f in files}
+
+
+def test_snakemake_and_dvc_jobs_have_the_same_dependencies(repo, dvc_cmds):
+    """Every command depends on the same data and source files in both (issue 18: dvc.yaml's
+    code deps had drifted). One documented exception: DVC cannot vary deps per item, so every
+    `evaluate` stage depends on the classifier checkpoint, even where its rule does not."""
+    smk = {cmd: {_smk_dep(p) for p in inputs} for cmd, inputs in snakemake_jobs(repo)}
+    P = load_params(repo / "params.yaml", check_models=False)
+    classifiers = {
+        f"results/runs/{k}/checkpoints" for k, r in P.runs.items() if r.kind == "classifier"
+    }
+    problems = []
+    for cmd, deps in dvc_stage_deps(repo):
+        want = smk.get(cmd)
+        if want is None:
+            continue  # a command only one side runs fails the command-parity test
+        got = set().union(*(_dvc_dep(repo, d) for d in deps)) if deps else set()
+        if cmd.startswith("sashimi evaluate "):
+            got -= classifiers - want
+        if got != want:
+            problems.append(
+                f"{cmd}: only in dvc.yaml {sorted(got - want)}; only in the Snakefile {sorted(want - got)}"
+            )
+    assert not problems, "dvc.yaml deps differ from the Snakemake inputs:\n" + "\n".join(problems)
+
+
 def test_parity_at_paper_scale_except_downloads(repo, dvc_cmds):
-    """At paper scale the DAG is the same plus the downloads (DVC tracks raw data with
-    `dvc add`, not as stages); no command line depends on the scale."""
+    """At paper scale the DAG is the same plus the downloads, which DVC runs as the stages of
+    its own pipeline file (workflow/raw/dvc.yaml, so the demo never downloads); no command line
+    depends on the scale."""
     smk = snakemake_commands(repo, {"SASHIMI_SCALE": "paper"})
     downloads = sorted(c for c in smk if c.startswith("sashimi download "))
     P = load_params(repo / "params.yaml", scale="paper", check_models=False)
@@ -145,6 +227,9 @@ def test_parity_at_paper_scale_except_downloads(repo, dvc_cmds):
     )
     assert downloads == expected and downloads
     assert sorted(c for c in smk if not c.startswith("sashimi download ")) == dvc_cmds
+    out = _run([str(BIN / "dvc"), "repro", "--dry", "-f", "workflow/raw/dvc.yaml"], repo)
+    raw = sorted(_norm(line[2:]) for line in out.splitlines() if line.startswith("> "))
+    assert raw == downloads, f"workflow/raw/dvc.yaml vars.downloads: make it {expected}"
 
 
 def test_dvc_yaml_lists_every_generative_run(repo):

@@ -2,14 +2,14 @@
 #
 #   snakemake --cores 2 all                        # demo scale (params.yaml `scale: demo`)
 #   SASHIMI_SCALE=paper snakemake --cores 8 --resources gpu=1 all
-#   SASHIMI_SCALE=paper snakemake --workflow-profile workflow/profiles/slurm all   # SLURM
+#   SASHIMI_SCALE=paper snakemake --workflow-profile profiles/slurm all   # SLURM
 #
-# Snakemake finds this file (workflow/Snakefile) and the workflow profile
-# workflow/profiles/default/ by itself when run from the repository root.
+# Run from the repository root: Snakemake finds this file and the workflow profile
+# profiles/default/ (beside it) by itself. The rules live in workflow/rules/.
 #
 # Every rule is a thin wrapper around one `sashimi <verb>` command that carries only a
 # selector (a run or dataset key); the numbers live in params.yaml, read ONLY through
-# `sashimi.config.load_params` (which validates it against workflow/schemas and resolves
+# `sashimi.config.load_params` (which validates it against the packaged schema and resolves
 # the demo/paper scale). dvc.yaml runs the same commands; tests/test_workflow.py keeps the
 # two in step.
 #
@@ -28,12 +28,14 @@ GPU = 1 if P.scale == "paper" else 0  # `resources: gpu=` of the jobs that want 
 THREADS = 4 if P.scale == "paper" else 1  # CPU threads of those jobs (Snakemake sets OMP_NUM_THREADS)
 
 
-include: "rules/common.smk"
-include: "rules/data.smk"
-include: "rules/train.smk"
-include: "rules/sample.smk"
-include: "rules/evaluate.smk"
-include: "rules/report.smk"
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/ablation.smk"
+include: "workflow/rules/speed.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -41,6 +43,8 @@ rule all:
     input:
         TABLE_FILES,
         "results/report.html",
+        "results/listening_test.html",
+        STABILITY_FILES + SPEED_FILES,  # the stability and speed tables' inputs
         expand("data/prepared/{dataset}/manifest.json", dataset=list(P.datasets)),
     default_target: True
 
