@@ -129,7 +129,7 @@ def test_broken_store_warns_once_and_never_raises(tmp_path, capsys, monkeypatch)
         "MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'mlflow.db'}"
     )
     monkeypatch.setenv("SASHIMI_TRACKING", "inprocess")
-    monkeypatch.setattr("sashimi.tracking._RETRIES", (0.01,))
+    monkeypatch.setattr("sashimi.tracking_worker._RETRIES", (0.01,))
     with Tracker("x", {"a": 1}, root=tmp_path) as tr:
         tr.log_metrics({"loss": 1.0}, step=1)
         tr.log_artifact(tmp_path / "afile")

@@ -5,10 +5,8 @@
 
 Autoregressive runs generate through the model's recurrent step mode (`setup_step`,
 `default_state`, `step`), all clips of a batch at once, starting from token 128; the step
-mode is unbounded, so clips may be longer than the training chunks. The start state matches
-what training inputs look like (left-padded with 128): a model whose `default_state` takes
-`prime_token` (WaveNet) starts as if `context` 128-tokens had been consumed. Tokens are decoded
-with the run's own quantiser (`datasets.<ds>.quantization`: linear for Beethoven, mu-law
+mode is unbounded, so clips may be longer than the training chunks (the sampling loop and
+its start state: `sashimi.ar_sampling`). Tokens are decoded with the run's own quantiser (`datasets.<ds>.quantization`: linear for Beethoven, mu-law
 otherwise). Diffusion runs use `sample_ancestral` or `sample_fast` (`sample.sampler`).
 
 Outputs (default `results/runs/RUN/samples/`): `<i:05d>.wav` (16 kHz, 16-bit) and
@@ -35,157 +33,35 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sashimi.ar_sampling import (  # noqa: F401  (the sampling primitives are public here too)
+    ZERO_TOKEN,
+    GumbelNoise,
+    generate_ar,
+    initial_state,
+    sample_token,
+    setup_ar,
+    top_p_filter,
+)
 from sashimi.errors import UserError
 from sashimi.io import atomic_write, read_json, write_json, write_wav
 
 SAMPLE_RATE = 16000
-ZERO_TOKEN = 128
 LN2 = math.log(2.0)
 CSV_FIELDS = ("name", "loglik_nats", "bits_per_sample")
 
 
-# ============================================================================ sampling
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches top_p
-    (the most likely token always stays), renormalised. probs (B, K) -> (B, K)."""
-    if top_p >= 1.0:
-        return probs
-    p_sorted, idx = probs.sort(dim=-1, descending=True)  # (B, K)
-    keep = (p_sorted.cumsum(-1) - p_sorted) < top_p  # (B, K): mass before this token < top_p
-    p_sorted = p_sorted * keep
-    out = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)  # (B, K)
-    return out / out.sum(-1, keepdim=True)
-
-
-def sample_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    gumbel: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), nucleus-filtered. (B, K) -> (B,).
-
-    Gumbel-max: argmax(z + G) with G = -log(-log U), U ~ U(0, 1), is an exact draw from
-    softmax(z) (about 3x cheaper per step than softmax + multinomial on a CPU). `gumbel` (B, K)
-    is G drawn in advance (:class:`GumbelNoise`); otherwise it is drawn here from `generator`."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    z = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, K)
-    if top_p < 1.0:
-        keep = top_p_filter(torch.softmax(z, dim=-1), top_p) > 0  # (B, K)
-        z = z.masked_fill(~keep, float("-inf"))
-    if gumbel is None:
-        gumbel = GumbelNoise.draw(z.shape, generator, z.device)  # (B, K)
-    return (z + gumbel).argmax(-1)  # (B,)
-
-
-class GumbelNoise:
-    """Gumbel(0, 1) noise for step-by-step sampling, drawn `block` steps at a time from one
-    generator: `next()` returns the (B, K) noise of the next step. One draw per block instead
-    of five small element-wise ops per step, which is a measurable share of a batch-1 step."""
-
-    def __init__(self, shape: tuple[int, int], generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None, block: int = 256):  # fmt: skip
-        self.shape, self.generator, self.device, self.block = tuple(shape), generator, device, block
-        self._buf: torch.Tensor | None = None
-        self._i = block
-
-    @staticmethod
-    def draw(shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
-        u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-30)
-        return u.log_().neg_().log_().neg_()  # -log(-log U)
-
-    def next(self) -> torch.Tensor:
-        if self._i == self.block:
-            self._buf = self.draw((self.block, *self.shape), self.generator, self.device)
-            self._i = 0
-        self._i += 1
-        return self._buf[self._i - 1]  # (B, K)
-
-
-@torch.no_grad()
-def generate_ar(
-    model: torch.nn.Module,
-    n: int,
-    length: int,
-    *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    prefix: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | None = None,
-    progress=None,
-    compile: bool = False,
-    setup: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched generation in step mode. Returns (tokens LongTensor[n, length], loglik float64 [n]).
-
-    Step t consumes x[t] (x[0] = 128) and yields the logits for y[t]. Positions t < len(prefix)
-    are forced to the prefix's tokens; the others are sampled. loglik sums log p_model(y[t])
-    (temperature 1, no top-p) over the sampled positions only. `compile=True` asks the model's
-    setup_step for its compiled step (SaShiMi; other models step as they are); `setup=False`
-    reuses the step set-up of a previous call (same weights: no recompilation per batch).
-    """
-    device = device or next(model.parameters()).device
-    if setup:
-        setup_ar(model, compile)
-    state = initial_state(model, n, device)
-    token = torch.full((n,), ZERO_TOKEN, dtype=torch.long, device=device)  # (n,)
-    out = torch.empty((n, length), dtype=torch.long, device=device)  # (n, L)
-    loglik = torch.zeros(n, dtype=torch.float64, device=device)  # (n,)
-    n_prefix = 0 if prefix is None else int(prefix.numel())
-    if prefix is not None:
-        prefix = prefix.to(device)
-    noise = None
-    for t in range(length):
-        logits, state = model.step(token, state)  # (n, 256)
-        logits = logits.float()
-        if t < n_prefix:
-            token = prefix[t].expand(n)
-        else:
-            if noise is None:
-                noise = GumbelNoise(logits.shape, generator, logits.device)
-            token = sample_token(logits, temperature, top_p, gumbel=noise.next())  # (n,)
-            logp = torch.log_softmax(logits, dim=-1)  # (n, 256): the model's own distribution
-            loglik += logp.gather(1, token[:, None])[:, 0].double()
-        out[:, t] = token
-        if progress is not None and (t + 1) % 250 == 0:
-            progress.update(250)
-    if progress is not None:
-        progress.update(length % 250)
-    return out, loglik
-
-
-def setup_ar(model: torch.nn.Module, compile: bool = False) -> None:
-    """Prepare `model.step` once for a run of batches (compiled if asked and offered)."""
-    if compile and "compile" in inspect.signature(model.setup_step).parameters:
-        model.setup_step(compile=True)
-    else:
-        model.setup_step()
-
-
-def initial_state(model: torch.nn.Module, n: int, device: torch.device | None = None):
-    """The step-mode state that matches training: inputs are left-padded with 128, so a model
-    whose `default_state` accepts `prime_token` (WaveNet: queues filled as if `context`
-    128-tokens had been consumed) starts primed with 128; others start from `default_state`."""
-    params = inspect.signature(model.default_state).parameters
-    if "prime_token" in params:
-        return model.default_state(n, device=device, prime_token=ZERO_TOKEN)
-    return model.default_state(n, device=device)
-
-
+# ============================================================================ inputs
 def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
     """The generator of batch `batch_index`: a function of (seed, batch index) only."""
     s = int(
@@ -252,6 +128,44 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 # ============================================================================ driver
+@dataclass
+class _Job:
+    """What one `sample_run` call generates, resolved from its arguments and the run."""
+
+    run: Any
+    model: torch.nn.Module
+    ckpt: dict
+    kind: str  # "ar" or "diffusion"
+    quantization: str
+    device: torch.device
+    out: Path
+    n: int
+    seconds: float
+    batch_size: int
+    seed: int
+    length: int  # samples per clip, prefix included
+    temperature: float
+    top_p: float
+    sampler: str
+    fast_steps: int
+    prefix_tokens: torch.Tensor | None = None  # (P,)
+
+    @property
+    def n_generated(self) -> int:
+        """Samples per clip that are generated (and scored), not forced by the prefix."""
+        return self.length - (0 if self.prefix_tokens is None else self.prefix_tokens.numel())
+
+    def clips(self, b: int) -> range:
+        """Clip indices of batch `b`."""
+        return range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size))
+
+    def complete(self, b: int, rows: dict) -> bool:
+        """Batch `b` is done: every wav is there and listed in loglik.csv."""
+        return all(
+            (self.out / clip_name(i)).is_file() and clip_name(i) in rows for i in self.clips(b)
+        )
+
+
 def sample_run(
     P,
     run,
@@ -275,9 +189,6 @@ def sample_run(
 ) -> dict:
     """Generate `n` clips of `seconds` into `out`; skip complete batches already there.
     `compile` (default sample.compile): the compiled SaShiMi step."""
-    from tqdm import tqdm
-
-    from sashimi.data.quantize import decode
     from sashimi.checkpoints import load_model
 
     if n < 1 or batch_size < 1 or seconds <= 0:
@@ -289,118 +200,99 @@ def sample_run(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds = P.dataset_of(run.key)
     model, ckpt = load_model(checkpoint or run.run_dir, map_location=device)
-    kind = ckpt.get("kind", run.kind)
-    seed = int(run.train.seed if seed is None else seed)
-    out = Path(out or Path(run.run_dir) / "samples")
-    out.mkdir(parents=True, exist_ok=True)
-    length = round(seconds * SAMPLE_RATE)
-    sampler = sampler or run.sample.sampler
-    fast_steps = fast_steps or run.sample.fast_steps
-
-    prefix_tokens = None
+    job = _Job(
+        run=run, model=model, ckpt=ckpt, kind=ckpt.get("kind", run.kind),
+        quantization=ds.quantization, device=device,
+        out=Path(out or Path(run.run_dir) / "samples"), n=n, seconds=seconds,
+        batch_size=batch_size, seed=int(run.train.seed if seed is None else seed),
+        length=round(seconds * SAMPLE_RATE), temperature=temperature, top_p=top_p,
+        sampler=sampler or run.sample.sampler, fast_steps=fast_steps or run.sample.fast_steps,
+    )  # fmt: skip
+    job.out.mkdir(parents=True, exist_ok=True)
     if prefix is not None:
-        if kind != "ar":
-            raise UserError("--prefix: only autoregressive runs can continue a clip")
-        prefix_tokens = load_prefix(prefix, prefix_seconds, ds.quantization)
-        if prefix_tokens.numel() >= length:
-            raise UserError(
-                f"--prefix-seconds {prefix_seconds}: the prefix must be shorter than --seconds {seconds}"
-            )
-
-    settings = {
-        "n": n,
-        "seconds": seconds,
-        "batch_size": batch_size,
-        "seed": seed,
-        "kind": kind,
-        "checkpoint": str(ckpt["path"]),
-        "checkpoint_step": int(ckpt.get("step", 0)),
-        "quantization": ds.quantization,
-    }
-    if kind == "ar":
-        settings.update(
-            temperature=temperature,
-            top_p=top_p,
-            prefix=None if prefix is None else str(prefix),
-            prefix_seconds=prefix_seconds,
-        )
-    else:
-        settings.update(sampler=sampler, fast_steps=fast_steps if sampler == "fast" else None)
-    _check_settings(out, settings)
-
-    rows = read_loglik_csv(out / "loglik.csv")
+        job.prefix_tokens = _job_prefix(job, prefix, prefix_seconds)
+    _check_settings(job.out, _settings(job, prefix, prefix_seconds))
+    rows = read_loglik_csv(job.out / "loglik.csv")
     n_batches = math.ceil(n / batch_size)
-    todo = []
-    for b in range(n_batches):
-        names = [clip_name(i) for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
-        if not all((out / nm).is_file() and nm in rows for nm in names):
-            todo.append(b)
+    todo = [b for b in range(n_batches) if not job.complete(b, rows)]
     show = (
         progress
         if progress is not None
         else (sys.stderr.isatty() and os.environ.get("SASHIMI_PROGRESS", "1") != "0")
     )
-    total = sum(min(n, (b + 1) * batch_size) - b * batch_size for b in todo)
+    stats, wall_s, tracker = _generate(
+        job, todo, rows, show, root, run.sample.compile if compile is None else compile
+    )
+    summary = _summary(job, rows, len(todo), n_batches)
+    speed_file = job.out / "summary.json"
+    if stats["clips"] or not speed_file.is_file():  # nothing new: keep the previous figures
+        write_json(speed_file, _speed(job, stats, wall_s, summary))
+    summary["summary"] = str(speed_file)
+    summary["sample_realtime_factor"] = read_json(speed_file).get("sample_realtime_factor")
+    _track(tracker, job.out, summary)
+    return summary
+
+
+def _job_prefix(job: _Job, prefix: str | os.PathLike, prefix_seconds: float) -> torch.Tensor:
+    """The prefix tokens (P,) an AR job continues; refused for diffusion or a too-long prefix."""
+    if job.kind != "ar":
+        raise UserError("--prefix: only autoregressive runs can continue a clip")
+    tokens = load_prefix(prefix, prefix_seconds, job.quantization)
+    if tokens.numel() >= job.length:
+        raise UserError(
+            f"--prefix-seconds {prefix_seconds}: the prefix must be shorter than "
+            f"--seconds {job.seconds}"
+        )
+    return tokens
+
+
+def _settings(job: _Job, prefix, prefix_seconds: float) -> dict:
+    """The settings a resumed job must share (`sample_config.json`)."""
+    settings = {
+        "n": job.n,
+        "seconds": job.seconds,
+        "batch_size": job.batch_size,
+        "seed": job.seed,
+        "kind": job.kind,
+        "checkpoint": str(job.ckpt["path"]),
+        "checkpoint_step": int(job.ckpt.get("step", 0)),
+        "quantization": job.quantization,
+    }
+    if job.kind == "ar":
+        settings.update(
+            temperature=job.temperature,
+            top_p=job.top_p,
+            prefix=None if prefix is None else str(prefix),
+            prefix_seconds=prefix_seconds,
+        )
+    else:
+        fast_steps = job.fast_steps if job.sampler == "fast" else None
+        settings.update(sampler=job.sampler, fast_steps=fast_steps)
+    return settings
+
+
+def _generate(job: _Job, todo: list[int], rows: dict, show: bool, root, compile: bool):
+    """Generate and write the batches `todo`, with a progress bar and the run's MLflow run
+    started meanwhile. Returns (stats, wall seconds, tracker); the tracker is closed here
+    unless every batch was written."""
+    from tqdm import tqdm
+
+    total = sum(len(job.clips(b)) for b in todo)
     bar = tqdm(
-        total=total * length if kind == "ar" else len(todo),
+        total=total * job.length if job.kind == "ar" else len(todo),
         disable=not show,
         leave=False,
-        unit="sample" if kind == "ar" else "batch",
+        unit="sample" if job.kind == "ar" else "batch",
         unit_scale=True,
-        desc=f"sample {run.key}",
+        desc=f"sample {job.run.key}",
     )
-    n_generated = length - (0 if prefix_tokens is None else prefix_tokens.numel())
-    tracker = _open_tracker(run, root)  # MLflow starts in the background while we generate
+    tracker = _open_tracker(job.run, root)  # MLflow starts in the background while we generate
     status = "FAILED"
-    gen_s, steps, clips = 0.0, 0, 0  # generation wall time, batch steps and clips of this job
     t_loop = time.perf_counter()
-    if kind == "ar" and todo:
-        setup_ar(model, run.sample.compile if compile is None else compile)
+    if job.kind == "ar" and todo:
+        setup_ar(job.model, compile)
     try:
-        for b in todo:
-            lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-            g = batch_generator(seed, b, device)
-            t0 = time.perf_counter()
-            if kind == "ar":
-                tokens, loglik = generate_ar(
-                    model,
-                    hi - lo,
-                    length,
-                    temperature=temperature,
-                    top_p=top_p,
-                    prefix=prefix_tokens,
-                    generator=g,
-                    device=device,
-                    progress=bar if show else None,
-                    setup=False,
-                )
-                tokens, ll = tokens.cpu(), loglik.cpu().numpy()
-                gen_s += time.perf_counter() - t0
-                steps += length
-                audio = decode(tokens, ds.quantization).numpy()  # (B, L) in [-1, 1]
-            else:
-                from sashimi.models import diffwave
-
-                with torch.no_grad():
-                    if sampler == "fast":
-                        wave = diffwave.sample_fast(model, hi - lo, length, fast_steps, generator=g)
-                    else:
-                        wave = diffwave.sample_ancestral(model, hi - lo, length, generator=g)
-                audio = wave.float().cpu().numpy()  # (B, L)
-                gen_s += time.perf_counter() - t0
-                ll = None
-                bar.update(1)
-            clips += hi - lo
-            for k, i in enumerate(range(lo, hi)):
-                write_wav(out / clip_name(i), audio[k], sr=SAMPLE_RATE)
-                rows[clip_name(i)] = {
-                    "name": clip_name(i),
-                    "loglik_nats": "" if ll is None else f"{ll[k]:.6f}",
-                    "bits_per_sample": "" if ll is None else f"{-ll[k] / (n_generated * LN2):.6f}",
-                }
-            write_loglik_csv(
-                out / "loglik.csv", rows
-            )  # after the wavs: a batch is complete once listed
+        stats = _generate_batches(job, todo, rows, bar, show)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -409,59 +301,120 @@ def sample_run(
         bar.close()
         if status != "FINISHED":
             tracker.close(status)
-    wall_s = time.perf_counter() - t_loop
+    return stats, time.perf_counter() - t_loop, tracker
+
+
+def _generate_batches(job: _Job, todo: list[int], rows: dict, bar, show: bool) -> dict:
+    """Generate each batch of `todo`, write its wavs, then list them in loglik.csv.
+    Returns the generation wall time, batch steps and clips of this job."""
+    from sashimi.data.quantize import decode
+
+    gen_s, steps, clips = 0.0, 0, 0
+    for b in todo:
+        idx = job.clips(b)
+        g = batch_generator(job.seed, b, job.device)
+        t0 = time.perf_counter()
+        drawn, ll = _draw_batch(job, len(idx), g, bar if show else None)
+        gen_s += time.perf_counter() - t0
+        if job.kind == "ar":
+            steps += job.length
+            audio = decode(drawn, job.quantization).numpy()  # (B, L) in [-1, 1]
+        else:
+            audio = drawn
+            bar.update(1)
+        clips += len(idx)
+        for k, i in enumerate(idx):
+            write_wav(job.out / clip_name(i), audio[k], sr=SAMPLE_RATE)
+            bits = None if ll is None else -ll[k] / (job.n_generated * LN2)
+            rows[clip_name(i)] = {
+                "name": clip_name(i),
+                "loglik_nats": "" if ll is None else f"{ll[k]:.6f}",
+                "bits_per_sample": "" if ll is None else f"{bits:.6f}",
+            }
+        # after the wavs: a batch is complete once listed
+        write_loglik_csv(job.out / "loglik.csv", rows)
+    return {"generation_seconds": gen_s, "steps": steps, "clips": clips}
+
+
+def _draw_batch(job: _Job, size: int, g: torch.Generator, progress):
+    """One batch of `size` clips: AR tokens (B, L) on the CPU with their logliks (B,), or
+    diffusion audio (B, L) as numpy with no loglik."""
+    if job.kind == "ar":
+        tokens, loglik = generate_ar(
+            job.model,
+            size,
+            job.length,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            prefix=job.prefix_tokens,
+            generator=g,
+            device=job.device,
+            progress=progress,
+            setup=False,
+        )
+        return tokens.cpu(), loglik.cpu().numpy()
+    from sashimi.models import diffwave
+
+    with torch.no_grad():
+        if job.sampler == "fast":
+            wave = diffwave.sample_fast(job.model, size, job.length, job.fast_steps, generator=g)
+        else:
+            wave = diffwave.sample_ancestral(job.model, size, job.length, generator=g)
+    return wave.float().cpu().numpy(), None  # (B, L)
+
+
+def _summary(job: _Job, rows: dict, n_todo: int, n_batches: int) -> dict:
+    """What `sashimi sample` prints: the batches done and, for AR, the mean bits per sample."""
     summary = {
-        "run": run.key,
-        "out": str(out),
-        "n": n,
-        "generated_batches": len(todo),
-        "skipped_batches": n_batches - len(todo),
-        "checkpoint": str(ckpt["path"]),
+        "run": job.run.key,
+        "out": str(job.out),
+        "n": job.n,
+        "generated_batches": n_todo,
+        "skipped_batches": n_batches - n_todo,
+        "checkpoint": str(job.ckpt["path"]),
     }
-    if kind == "ar":
+    if job.kind == "ar":
         bits = [
             float(rows[clip_name(i)]["bits_per_sample"])
-            for i in range(n)
+            for i in range(job.n)
             if rows.get(clip_name(i), {}).get("bits_per_sample")
         ]
         summary["mean_bits_per_sample"] = float(np.mean(bits)) if bits else None
-    speed_file = out / "summary.json"
-    if clips or not speed_file.is_file():  # nothing new: keep the previous job's figures
-        speed = {
-            "run": run.key,
-            "kind": kind,
-            "n": n,
-            "seconds": seconds,
-            "batch_size": batch_size,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "checkpoint": str(ckpt["path"]),
-            "checkpoint_step": int(ckpt.get("step", 0)),
-            "clips_generated": clips,
-            "generated_seconds": clips * n_generated / SAMPLE_RATE,
-            "wall_seconds": wall_s if clips else None,
-            "generation_seconds": gen_s if clips else None,
-            "sample_realtime_factor": (
-                clips * n_generated / SAMPLE_RATE / wall_s if clips and wall_s > 0 else None
-            ),
-        }
-        if kind == "ar":
-            speed.update(
-                temperature=temperature,
-                top_p=top_p,
-                seconds_per_step=gen_s / steps if steps else None,
-                mean_bits_per_sample=summary["mean_bits_per_sample"],
-            )
-        else:
-            speed.update(
-                sampler=sampler,
-                sampler_steps=fast_steps if sampler == "fast" else int(getattr(model, "T", 0)),
-            )
-        write_json(speed_file, speed)
-    summary["summary"] = str(speed_file)
-    summary["sample_realtime_factor"] = read_json(speed_file).get("sample_realtime_factor")
-    _track(tracker, out, summary)
     return summary
+
+
+def _speed(job: _Job, stats: dict, wall_s: float, summary: dict) -> dict:
+    """The speed record of this job (`summary.json`)."""
+    clips, gen_s, steps = stats["clips"], stats["generation_seconds"], stats["steps"]
+    speed = {
+        "run": job.run.key,
+        "kind": job.kind,
+        "n": job.n,
+        "seconds": job.seconds,
+        "batch_size": job.batch_size,
+        "device": str(job.device),
+        "threads": torch.get_num_threads(),
+        "checkpoint": str(job.ckpt["path"]),
+        "checkpoint_step": int(job.ckpt.get("step", 0)),
+        "clips_generated": clips,
+        "generated_seconds": clips * job.n_generated / SAMPLE_RATE,
+        "wall_seconds": wall_s if clips else None,
+        "generation_seconds": gen_s if clips else None,
+        "sample_realtime_factor": (
+            clips * job.n_generated / SAMPLE_RATE / wall_s if clips and wall_s > 0 else None
+        ),
+    }
+    if job.kind == "ar":
+        speed.update(
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seconds_per_step=gen_s / steps if steps else None,
+            mean_bits_per_sample=summary["mean_bits_per_sample"],
+        )
+    else:
+        sampler_steps = job.fast_steps if job.sampler == "fast" else int(getattr(job.model, "T", 0))
+        speed.update(sampler=job.sampler, sampler_steps=sampler_steps)
+    return speed
 
 
 def _open_tracker(run, root: Path | None):

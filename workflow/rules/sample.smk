@@ -12,7 +12,7 @@ def sample_config(wc) -> str:
 rule sample:
     input:
         "results/runs/{run}/train.done",
-        code("sample.py", "models", "ssm", "data/quantize.py"),
+        code("sample.py", "ar_sampling.py", "models", "ssm", "data/quantize.py"),
     output:
         directory("results/runs/{run}/samples"),
     params:

@@ -90,8 +90,6 @@ BACKOFF_S = 1.0  # wait before retry k: BACKOFF_S * 2^(k-1) seconds, at most 30
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
 def hf_token() -> str | None:
     """HF_TOKEN, else the token file of `huggingface-cli login` ($HF_HOME/token or ~/.cache/huggingface/token)."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
@@ -173,8 +171,6 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
 # ----------------------------------------------------------------------------- fetch
-
-
 def fetch(
     url: str,
     dest: Path,
@@ -251,6 +247,22 @@ def _fetch_once(
         have = 0
     if size is not None and have == size and part.exists():
         return True
+    with _request(url, part, have, token=token, name=name, timeout=timeout) as resp:
+        have, mode, total = _resume_point(resp, url, part, have, size)
+        expected_total = total if total is not None else size
+        bar = _progress_bar(part.name, expected_total, have, progress)
+        try:
+            written = _copy_body(resp, part, mode, have, bar)
+        finally:
+            bar.close()
+    if expected_total is not None and written < expected_total:
+        raise _Interrupted(written, f"connection closed at {written:,} of {expected_total:,} bytes")
+    return True
+
+
+def _request(url: str, part: Path, have: int, *, token: str | None, name: str, timeout: float):
+    """Open `url` from byte `have`; HTTP and network errors become a UserError (permanent)
+    or `_Interrupted` (worth a retry)."""
     req = urllib.request.Request(
         url, headers={"User-Agent": "sashimi-download/1.0", "Accept-Encoding": "identity"}
     )
@@ -259,7 +271,7 @@ def _fetch_once(
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise UserError(_access_message(name, url, e.code)) from None
@@ -283,60 +295,56 @@ def _fetch_once(
             f"cannot reach {url} ({reason}); check the network or pass another --url"
         ) from None
 
-    with resp:
-        status = resp.status
-        length = resp.headers.get("Content-Length")
-        length = int(length) if length is not None and length.isdigit() else None
-        if have and status == 206:
-            m = _CONTENT_RANGE.fullmatch((resp.headers.get("Content-Range") or "").strip())
-            if m is None or int(m.group(1)) != have:
-                # A range we did not ask for: start over rather than splice mismatched bytes.
-                part.unlink()
-                raise _Interrupted(
-                    0, f"bad Content-Range {resp.headers.get('Content-Range')!r}; restarting"
-                )
-            total = None if m.group(3) == "*" else int(m.group(3))
-            mode = "ab"
-        elif status == 200:
-            have, mode = 0, "wb"  # server ignored Range (or fresh start): rewrite from byte 0
-            total = length
-        else:
-            raise UserError(f"{url}: unexpected HTTP status {status}")
-        if total is not None and size is not None and total != size:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
-            raise UserError(
-                f"{url}: server file is {total:,} bytes but {size:,} were expected (wrong archive?)"
+
+def _resume_point(resp, url: str, part: Path, have: int, size: int | None):
+    """(bytes kept, file mode, server's total size or None) for this response: a 206 continues
+    `part`, a 200 rewrites it; a mismatched range or size is refused."""
+    status = resp.status
+    length = resp.headers.get("Content-Length")
+    length = int(length) if length is not None and length.isdigit() else None
+    if have and status == 206:
+        m = _CONTENT_RANGE.fullmatch((resp.headers.get("Content-Range") or "").strip())
+        if m is None or int(m.group(1)) != have:
+            # A range we did not ask for: start over rather than splice mismatched bytes.
+            part.unlink()
+            raise _Interrupted(
+                0, f"bad Content-Range {resp.headers.get('Content-Range')!r}; restarting"
             )
-        expected_total = total if total is not None else size
-        bar = _progress_bar(part.name, expected_total, have, progress)
-        written = have
-        try:
-            with open(part, mode) as f:
-                while True:
-                    try:
-                        block = resp.read(CHUNK)
-                    except (
-                        TimeoutError,
-                        http.client.IncompleteRead,
-                        ConnectionError,
-                        OSError,
-                    ) as e:
-                        f.flush()
-                        os.fsync(f.fileno())
-                        raise _Interrupted(written, type(e).__name__) from None
-                    if not block:
-                        break
-                    f.write(block)
-                    written += len(block)
-                    bar.update(len(block))
+        total = None if m.group(3) == "*" else int(m.group(3))
+        mode = "ab"
+    elif status == 200:
+        have, mode = 0, "wb"  # server ignored Range (or fresh start): rewrite from byte 0
+        total = length
+    else:
+        raise UserError(f"{url}: unexpected HTTP status {status}")
+    if total is not None and size is not None and total != size:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise UserError(
+            f"{url}: server file is {total:,} bytes but {size:,} were expected (wrong archive?)"
+        )
+    return have, mode, total
+
+
+def _copy_body(resp, part: Path, mode: str, have: int, bar) -> int:
+    """Stream the response into `part` (synced); a broken connection raises `_Interrupted`."""
+    written = have
+    with open(part, mode) as f:
+        while True:
+            try:
+                block = resp.read(CHUNK)
+            except (TimeoutError, http.client.IncompleteRead, ConnectionError, OSError) as e:
                 f.flush()
                 os.fsync(f.fileno())
-        finally:
-            bar.close()
-    if expected_total is not None and written < expected_total:
-        raise _Interrupted(written, f"connection closed at {written:,} of {expected_total:,} bytes")
-    return True
+                raise _Interrupted(written, type(e).__name__) from None
+            if not block:
+                break
+            f.write(block)
+            written += len(block)
+            bar.update(len(block))
+        f.flush()
+        os.fsync(f.fileno())
+    return written
 
 
 def _progress_bar(desc: str, total: int | None, initial: int, enabled: bool):
@@ -356,20 +364,15 @@ def _progress_bar(desc: str, total: int | None, initial: int, enabled: bool):
 
 
 # ----------------------------------------------------------------------------- extract
-
-
 def _safe_member(root: Path, name: str, archive: Path) -> Path:
     """Resolve member `name` under `root`; UserError if it is absolute or climbs out."""
+    unsafe = f"{archive}: refusing unsafe archive member {name!r} (outside the target folder)"
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or re.match(r"^[A-Za-z]:", name) or ".." in p.parts:
-        raise UserError(
-            f"{archive}: refusing unsafe archive member {name!r} (outside the target folder)"
-        )
+        raise UserError(unsafe)
     dest = (root / p).resolve()
     if dest != root and root not in dest.parents:
-        raise UserError(
-            f"{archive}: refusing unsafe archive member {name!r} (outside the target folder)"
-        )
+        raise UserError(unsafe)
     return dest
 
 
@@ -438,8 +441,6 @@ def _flatten_single_dir(folder: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- dataset
-
-
 def resolve_source(name: str, url: str | None = None, sha256: str | None = None) -> Source:
     """The Source for `name`, with --url / --sha256 / SASHIMI_DOWNLOAD_BASE_URL applied.
 
@@ -529,9 +530,8 @@ def download(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(
-        tmp, ignore_errors=True
-    )  # the emptied wrapper when the archive had one top folder
+    # the emptied wrapper when the archive had one top folder
+    shutil.rmtree(tmp, ignore_errors=True)
     if not keep_archive:
         archive.unlink()
         with contextlib.suppress(OSError):
@@ -541,8 +541,6 @@ def download(
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from sashimi.data.release import RELEASES
 

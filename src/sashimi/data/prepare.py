@@ -418,25 +418,11 @@ def _write(
     sample_rate: int,
     progress: bool,
 ) -> dict:
+    """Load every planned clip (in parallel, in order) into the split shards in `folder`;
+    returns the manifest's body. A bad file stops the run, or is skipped with `skip_bad`."""
     from tqdm import tqdm
 
-    if plan.load is not None:  # synthetic: the "input" is the generated clip itself
-
-        def load(item: Item):
-            audio = np.ascontiguousarray(plan.load(item), dtype="<f4")  # (L,)
-            return audio, hashlib.sha256(audio.tobytes()).hexdigest(), audio.nbytes
-    else:
-
-        def load(item: Item):
-            try:
-                return load_file(item.path, sample_rate)
-            except UserError:
-                raise
-            except Exception as e:  # a decoder or resampler failure still names the file
-                raise UserError(
-                    f"{item.path}: cannot read audio ({type(e).__name__}: {e})"
-                ) from None
-
+    load = _loader(plan, sample_rate)
     todo = [(split, item) for split in SPLITS for item in plan.splits[split]]
     writers = {s: SplitWriter(folder, s) for s in SPLITS}
     digests: dict[str, tuple[str, int]] = {}
@@ -476,7 +462,45 @@ def _write(
             w.abort()
         raise
     elapsed = time.perf_counter() - t0
+    inputs_sha256 = _inputs_sha256(plan, dataset, sample_rate, todo, digests, skipped)
+    print(f"prepared {dataset}: " + ", ".join(f"{s} {v['clips']} clips" for s, v in splits.items())
+          + f" ({len(todo) / max(elapsed, 1e-9):.0f} clips/s)")  # fmt: skip
+    return {
+        "source": str(plan.root) if plan.root is not None else "synthetic",
+        "sample_rate": sample_rate,
+        "splits": splits,
+        "inputs_sha256": inputs_sha256,
+        "skipped": skipped,
+        "classes": plan.classes,
+        "options": plan.options,
+    }
 
+
+def _loader(plan: Plan, sample_rate: int):
+    """item -> (audio (L,) float32, sha256 of the input or None, input bytes)."""
+    if plan.load is not None:  # synthetic: the "input" is the generated clip itself
+
+        def load(item: Item):
+            audio = np.ascontiguousarray(plan.load(item), dtype="<f4")  # (L,)
+            return audio, hashlib.sha256(audio.tobytes()).hexdigest(), audio.nbytes
+    else:
+
+        def load(item: Item):
+            try:
+                return load_file(item.path, sample_rate)
+            except UserError:
+                raise
+            except Exception as e:  # a decoder or resampler failure still names the file
+                raise UserError(
+                    f"{item.path}: cannot read audio ({type(e).__name__}: {e})"
+                ) from None
+
+    return load
+
+
+def _inputs_sha256(plan, dataset, sample_rate, todo, digests, skipped) -> str:
+    """One hash of everything the shards were made from: settings, every input file's
+    digest in plan order, the extra files and the skipped names."""
     options = sorted(plan.options.items())
     h = hashlib.sha256(f"sashimi-prepare\0{dataset}\0{sample_rate}\0{options}\n".encode())
     for _, item in todo:
@@ -487,17 +511,7 @@ def _write(
         h.update(f"{p.name}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
     for s in skipped:
         h.update(f"skipped\0{s['file']}\n".encode())
-    print(f"prepared {dataset}: " + ", ".join(f"{s} {v['clips']} clips" for s, v in splits.items())
-          + f" ({len(todo) / max(elapsed, 1e-9):.0f} clips/s)")  # fmt: skip
-    return {
-        "source": str(plan.root) if plan.root is not None else "synthetic",
-        "sample_rate": sample_rate,
-        "splits": splits,
-        "inputs_sha256": h.hexdigest(),
-        "skipped": skipped,
-        "classes": plan.classes,
-        "options": plan.options,
-    }
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- CLI

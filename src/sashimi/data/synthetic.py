@@ -118,8 +118,37 @@ def digit_clip(i: int, seed: int = 0) -> tuple[np.ndarray, int]:
     share = np.array([s[1] for s in segs]) * rng.uniform(0.85, 1.15, len(segs))
     edges = np.concatenate([[0], np.cumsum(share / share.sum())]) * Lw  # (S+1,)
     t = np.arange(Lw)  # (Lw,)
+    knots, F_knots, g_knots, voicing, noise = _segments(segs, edges, Lw, tract, rng)
+    F_t = np.stack([np.interp(t, knots, [F[k] for F in F_knots]) for k in range(3)])  # (3, Lw)
+    g_t = np.stack([np.interp(t, knots, [g[k] for g in g_knots]) for k in range(3)])  # (3, Lw)
+    voicing = _smooth(voicing, 25)  # (Lw,)
 
-    # Formant trajectories: linear glides between the centres of voiced segments.
+    # Pitch: class contour through three points, speaker scale, slow vibrato and jitter.
+    c = np.array(_CONTOURS[label]) * rng.uniform(0.95, 1.05, 3)
+    contour = np.interp(t, [0, Lw / 2, Lw - 1], c)  # (Lw,)
+    wander = _smooth(rng.standard_normal(Lw), 60) * 0.6  # (Lw,) slow random pitch drift
+    f0 = (
+        f0_speaker * contour * (1 + 0.01 * np.sin(2 * np.pi * rng.uniform(4, 6) * t / SR) + wander)
+    )  # (Lw,)
+
+    voiced = _harmonics(f0, F_t, g_t, tract, rng)  # (Lw,)
+    word = _channel(voicing * voiced + noise, rng)  # (Lw,)
+    word /= np.abs(word).max() + 1e-12
+
+    # Place the word, set loudness, add background noise at a random SNR.
+    x = np.zeros(DIGIT_LENGTH)
+    onset = int(rng.uniform(0.02, max(0.021, 1 - Lw / SR - 0.02)) * SR)
+    n = min(Lw, DIGIT_LENGTH - onset)
+    x[onset : onset + n] = word[:n] * rng.uniform(0.25, 0.9)
+    rms = np.sqrt(np.mean(word[:n] ** 2)) * np.abs(x).max()
+    x += rng.standard_normal(DIGIT_LENGTH) * rms * 10 ** (-rng.uniform(15, 35) / 20)
+    x /= max(1.0, np.abs(x).max() / 0.99)
+    return x.astype(np.float32), label
+
+
+def _segments(segs, edges: np.ndarray, Lw: int, tract: float, rng: np.random.Generator):
+    """The word's segments: formant knots at the centres of voiced segments (linear glides
+    between them), the voicing level (Lw,) and the fricative / stop noise (Lw,)."""
     knots, F_knots, g_knots = [], [], []
     voicing = np.zeros(Lw)
     noise = np.zeros(Lw)
@@ -148,20 +177,13 @@ def digit_clip(i: int, seed: int = 0) -> tuple[np.ndarray, int]:
             env = np.zeros(Lw)
             env[start:b] = np.exp(-np.arange(b - start) / (0.012 * SR))
             noise += level * rng.uniform(0.7, 1.3) * env * _band_noise(rng, Lw, lo, hi)
-    F_t = np.stack([np.interp(t, knots, [F[k] for F in F_knots]) for k in range(3)])  # (3, Lw)
-    g_t = np.stack([np.interp(t, knots, [g[k] for g in g_knots]) for k in range(3)])  # (3, Lw)
-    voicing = _smooth(voicing, 25)  # (Lw,)
+    return knots, F_knots, g_knots, voicing, noise
 
-    # Pitch: class contour through three points, speaker scale, slow vibrato and jitter.
-    c = np.array(_CONTOURS[label]) * rng.uniform(0.95, 1.05, 3)
-    contour = np.interp(t, [0, Lw / 2, Lw - 1], c)  # (Lw,)
-    wander = _smooth(rng.standard_normal(Lw), 60) * 0.6  # (Lw,) slow random pitch drift
-    f0 = (
-        f0_speaker * contour * (1 + 0.01 * np.sin(2 * np.pi * rng.uniform(4, 6) * t / SR) + wander)
-    )  # (Lw,)
 
-    # Harmonic source shaped by the formant envelope, evaluated at every harmonic.
-    # (K, Lw) arrays in float32: twice as fast, and phase errors stay below 1e-2 rad.
+def _harmonics(f0, F_t, g_t, tract: float, rng: np.random.Generator) -> np.ndarray:
+    """Harmonic source (Lw,) at pitch f0 (Lw,), shaped by the formant envelope (F_t, g_t:
+    (3, Lw)) evaluated at every harmonic; peak-normalised."""
+    # (K, Lw) arrays in float32: phase errors stay below 1e-2 rad.
     K = int(7000 / f0.min())
     k = np.arange(1, K + 1, dtype=np.float32)[:, None]  # (K, 1)
     fk = k * f0.astype(np.float32)[None, :]  # (K, Lw) harmonic frequencies
@@ -176,18 +198,7 @@ def digit_clip(i: int, seed: int = 0) -> tuple[np.ndarray, int]:
     offset = rng.uniform(0, 2 * np.pi, (K, 1)).astype(np.float32)  # (K, 1)
     voiced = (env * np.sin(k * phase[None, :] + offset)).sum(0, dtype=np.float64)  # (Lw,)
     voiced /= np.abs(voiced).max() + 1e-12
-    word = _channel(voicing * voiced + noise, rng)  # (Lw,)
-    word /= np.abs(word).max() + 1e-12
-
-    # Place the word, set loudness, add background noise at a random SNR.
-    x = np.zeros(DIGIT_LENGTH)
-    onset = int(rng.uniform(0.02, max(0.021, 1 - Lw / SR - 0.02)) * SR)
-    n = min(Lw, DIGIT_LENGTH - onset)
-    x[onset : onset + n] = word[:n] * rng.uniform(0.25, 0.9)
-    rms = np.sqrt(np.mean(word[:n] ** 2)) * np.abs(x).max()
-    x += rng.standard_normal(DIGIT_LENGTH) * rms * 10 ** (-rng.uniform(15, 35) / 20)
-    x /= max(1.0, np.abs(x).max() / 0.99)
-    return x.astype(np.float32), label
+    return voiced
 
 
 def generate_digits(n_clips: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
