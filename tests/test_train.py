@@ -489,7 +489,7 @@ def test_config_change_helpers():
 
     raw = {"dataset": "d", "model": {"name": "x", "d": 1}, "train": {"lr": 1e-3, "max_steps": 5}}
     a = training_config(raw)
-    assert a["train.lr"] == 1e-3 and a["train.weight_decay"] == 0.01  # TrainConfig defaults
+    assert a["train.lr"] == 1e-3 and a["train.weight_decay"] == 0.0  # TrainConfig defaults
     assert "train.max_steps" not in a and "sample.n" not in a
     b = training_config(dict(raw, train={"lr": 1e-3, "max_steps": 50}, sample={"n": 2}))
     assert config_change(a, b) is None

@@ -580,7 +580,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def bench_cauchy(args) -> dict:
     """The S4 kernel per Cauchy backend, pure torch beside pykeops (sashimi.ssm.keops)."""
-    from sashimi.ssm.keops import bench_backends
+    from sashimi.bench_cauchy import bench_backends
 
     return bench_backends(args.channels, args.length, args.state, args.repeats, args.device)
 

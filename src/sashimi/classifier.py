@@ -41,6 +41,7 @@ from sashimi import metrics
 from sashimi.data.datasets import load_split
 from sashimi.errors import UserError
 from sashimi.io import atomic_write, read_audio, write_json
+from sashimi.released_classifier import convert_state_dict, read_released
 
 SAMPLE_RATE = 16000
 CLIP_LENGTH = 16000  # 1 s
@@ -233,11 +234,26 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _from_released(path: Path) -> tuple[DigitClassifier, dict]:
+    """(DigitClassifier in eval mode with the released weights, its kwargs)."""
+    our, kwargs = convert_state_dict(read_released(path), str(path))
+    model = DigitClassifier(**kwargs)
+    own = model.state_dict()  # the front end's fixed buffers (window, mel filters) are ours
+    our = {k: v for k, v in own.items() if k.startswith("frontend.")} | our
+    try:
+        model.load_state_dict(our, strict=True)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: weights do not fit DigitClassifier({kwargs}) ({str(e).splitlines()[0][:200]})"
+        ) from None
+    return model.eval(), kwargs
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
     """A DigitClassifier from a checkpoint file, or a folder holding best.pt, last.pt or
     imported.pt: ours (torch.load weights_only, nothing more) or the authors' released
     `resnext.pth` (DataParallel-wrapped or bare; inert stand-ins, see released_classifier)."""
-    from sashimi.released_classifier import is_released_file, load_released
+    from sashimi.released_classifier import is_released_file
     from sashimi.safe_load import load_weights
 
     path = Path(path)
@@ -258,7 +274,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"{path}: classifier checkpoint not found")
     if is_released_file(path):
-        model, _ = load_released(path)
+        model, _ = _from_released(path)
     else:
         ckpt = load_weights(path, map_location)
         if not isinstance(ckpt, dict) or ckpt.get("model_name") != MODEL_NAME:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 from torch import Tensor
 
@@ -116,23 +115,6 @@ def infer_kwargs(sd: Mapping[str, Tensor], src: str = "classifier") -> dict:
         widen_factor=int(widen_factor),
         n_classes=int(n_classes),
     )
-
-
-def load_released(path: str | Path):
-    """(DigitClassifier in eval mode with the released weights, its kwargs)."""
-    from sashimi.classifier import DigitClassifier
-
-    our, kwargs = convert_state_dict(read_released(path), str(path))
-    model = DigitClassifier(**kwargs)
-    own = model.state_dict()  # the front end's fixed buffers (window, mel filters) are ours
-    our = {k: v for k, v in own.items() if k.startswith("frontend.")} | our
-    try:
-        model.load_state_dict(our, strict=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"{path}: weights do not fit DigitClassifier({kwargs}) ({str(e).splitlines()[0][:200]})"
-        ) from None
-    return model.eval(), kwargs
 
 
 def is_released_file(path: str | os.PathLike) -> bool:
