@@ -338,3 +338,24 @@ def test_likelihood_order_needs_one_numbered_sequence(tmp_path):
     _, selection, note = likelihood_selection(tmp_path, gap, sorted_by_likelihood=True)
     assert selection == "all" and "not one numbered sequence" in note
     assert rank_from_names([tmp_path / "a.wav", tmp_path / "b.wav"]) is None
+
+
+def test_wavs_scored_with_the_released_format_pickle(workdir, fixtures_dir):
+    """The authors' classifier as released (a pickled DataParallel of `models.resnext`, here the
+    fixture's small instance) scores a folder of wavs through params.yaml, safely."""
+    from sashimi.classifier import classify, labelled_split, load_classifier, read_clips
+    from sashimi.metrics import fid
+
+    fx = torch.load(fixtures_dir / "sc09_classifier_official.pt", weights_only=True)
+    _sc09_workdir(workdir, {"sc09_classifier": "released"})
+    released = workdir / "rel/resnext.pth"
+    released.write_bytes(fx["pickled_wrapped_bytes"].numpy().tobytes())
+    names = [f"clip_{c}.wav" for c in "abcde"]
+    _wav_folder(workdir / "clips", names)
+    assert cli("evaluate", "--wavs", "clips", "--out", "rel.json") == 0
+    m = json.loads((workdir / "rel.json").read_text())
+    assert m["sc09_classifier_source"] == "released" and m["n_scored"] == 5
+    clf = load_classifier(released)
+    feats, _ = classify(clf, read_clips([workdir / "clips" / n for n in names]))
+    ref, _ = classify(clf, labelled_split(workdir / "data/prepared/tiny", "train"))
+    assert feats.shape[1] == 512 and m["fid"] == pytest.approx(fid(feats, ref), rel=1e-6)
