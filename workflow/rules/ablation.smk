@@ -2,14 +2,6 @@
 # with the unconstrained S4 by rule train) generates recurrently beside its `baseline` (ours).
 # `sashimi.stability.write_stability_table` turns the JSON files into the table and figure.
 
-STABILITY_RUNS = [k for k, r in P.runs.items() if r.raw.get("stability")]
-STABILITY_FILES = expand("results/runs/{run}/stability.json", run=STABILITY_RUNS)
-
-
-def stability_baseline(wc) -> str:
-    return P.runs[wc.run].raw["stability"]["baseline"]
-
-
 rule stability:
     input:
         "results/runs/{run}/train.done",

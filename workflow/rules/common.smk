@@ -67,3 +67,56 @@ wildcard_constraints:
     run=one_of(RUNS),
     dataset=one_of(P.datasets),
     release=one_of(EVAL.get("released_models", {})),
+
+
+# ---- used by data.smk
+def raw_marker(dataset: str) -> list[str]:
+    """The finished download a dataset is prepared from; none for generated (demo) data or
+    a `source_dir` of your own."""
+    ds = P.datasets[dataset]
+    if ds.download is None or ds.source_dir:
+        return []
+    return [f"data/raw/{ds.download}/.sashimi-download.json"]
+
+
+# ---- used by train.smk
+TRAIN_CODE = (
+    "train.py", "trainer.py", "train_data.py", "train_log.py", "resume.py", "rng.py",
+    "ar_loss.py", "batching.py", "checkpoints.py", "optim.py", "distributed.py",
+    "classifier.py", "classifier_train.py", "models", "ssm", "data/datasets.py",
+    "data/quantize.py",
+)
+
+
+def train_config(wc) -> str:
+    run = P.runs[wc.run]
+    return stable({"scale": P.scale, "kind": run.kind, "dataset": run.dataset, "model": run.model_name,
+                   "kwargs": run.model, "train": dataclasses.asdict(run.train)})
+
+
+# ---- used by sample.smk
+def sample_config(wc) -> str:
+    run = P.runs[wc.run]
+    return stable({"scale": P.scale, "sample": dataclasses.asdict(run.sample), "seed": run.train.seed})
+
+
+# ---- used by ablation.smk
+STABILITY_RUNS = [k for k, r in P.runs.items() if r.raw.get("stability")]
+STABILITY_FILES = expand("results/runs/{run}/stability.json", run=STABILITY_RUNS)
+
+
+def stability_baseline(wc) -> str:
+    return P.runs[wc.run].raw["stability"]["baseline"]
+
+
+# ---- used by speed.smk
+SPEED = P.raw.get("speed") or {}
+SPEED_KINDS = list(SPEED.get("runs") or {})
+SPEED_FILES = expand("results/bench/{kind}.json", kind=SPEED_KINDS)
+
+
+def speed_config(wc) -> str:
+    run = P.runs[SPEED["runs"][wc.kind]]
+    return stable({"scale": P.scale, "speed": {k: v for k, v in SPEED.items() if k != "runs"},
+                   "model": run.model_name, "kwargs": run.model,
+                   "s4_compile": run.train.s4_compile, "compile": run.sample.compile})

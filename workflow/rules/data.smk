@@ -1,15 +1,6 @@
 # Data: download (paper scale only: demo datasets are generated) -> prepare.
 
 
-def raw_marker(dataset: str) -> list[str]:
-    """The finished download a dataset is prepared from; none for generated (demo) data or
-    a `source_dir` of your own."""
-    ds = P.datasets[dataset]
-    if ds.download is None or ds.source_dir:
-        return []
-    return [f"data/raw/{ds.download}/.sashimi-download.json"]
-
-
 rule download:
     """Fetch and unpack one archive (resumable, checksummed). Gated datasets need HF_TOKEN."""
     output:

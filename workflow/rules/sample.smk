@@ -4,11 +4,6 @@
 # from an empty folder; `sashimi sample` refuses to resume a folder made with other settings.
 
 
-def sample_config(wc) -> str:
-    run = P.runs[wc.run]
-    return stable({"scale": P.scale, "sample": dataclasses.asdict(run.sample), "seed": run.train.seed})
-
-
 rule sample:
     input:
         "results/runs/{run}/train.done",

@@ -2,18 +2,6 @@
 # machine the DAG runs on, beside the naive / official-style reference (`sashimi bench`).
 # `sashimi.speed.write_speed_table` turns results/bench/*.json into the table and figure.
 
-SPEED = P.raw.get("speed") or {}
-SPEED_KINDS = list(SPEED.get("runs") or {})
-SPEED_FILES = expand("results/bench/{kind}.json", kind=SPEED_KINDS)
-
-
-def speed_config(wc) -> str:
-    run = P.runs[SPEED["runs"][wc.kind]]
-    return stable({"scale": P.scale, "speed": {k: v for k, v in SPEED.items() if k != "runs"},
-                   "model": run.model_name, "kwargs": run.model,
-                   "s4_compile": run.train.s4_compile, "compile": run.sample.compile})
-
-
 rule speed:
     input:
         code("speed.py", "bench.py", "models", "ssm", "generation", "optim.py"),

@@ -7,20 +7,6 @@
 
 
 # the trainer's modules (dvc.yaml's train stage lists the same files)
-TRAIN_CODE = (
-    "train.py", "trainer.py", "train_data.py", "train_log.py", "resume.py", "rng.py",
-    "ar_loss.py", "batching.py", "checkpoints.py", "optim.py", "distributed.py",
-    "classifier.py", "classifier_train.py", "models", "ssm", "data/datasets.py",
-    "data/quantize.py",
-)
-
-
-def train_config(wc) -> str:
-    run = P.runs[wc.run]
-    return stable({"scale": P.scale, "kind": run.kind, "dataset": run.dataset, "model": run.model_name,
-                   "kwargs": run.model, "train": dataclasses.asdict(run.train)})
-
-
 rule train:
     input:
         lambda wc: f"data/prepared/{run_dataset(wc)}/manifest.json",
