@@ -85,5 +85,11 @@ def render_html(
         ]
     if groups:
         parts += _audio(groups, out)
+    if (out / "listening_test.html").is_file():
+        parts.append(
+            "<h2>Listening test</h2><p><a href='listening_test.html'>listening_test.html</a>: "
+            "the blinded MOS page (rate, export the CSV, then <code>sashimi report --ratings "
+            "FILE...</code> adds the MOS table).</p>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
