@@ -216,8 +216,11 @@ def _cell(v: Any) -> str:
 
 
 # ============================================================================ data
-def prepare_data(P, keys: list[str], workdir: Path, data_root: Path | None) -> str:
-    """Prepared splits of the runs' datasets under workdir/data/prepared; returns a description."""
+def prepare_data(
+    P, keys: list[str], workdir: Path, data_root: Path | None, shown_root: Path | None = None
+) -> str:
+    """Prepared splits of the runs' datasets under workdir/data/prepared; returns a description
+    that names the data as the user gave it (`shown_root`, e.g. ../shared/data)."""
     from sashimi.data.prepare import prepare
 
     used = sorted({P.runs[k].dataset for k in keys})
@@ -226,10 +229,11 @@ def prepare_data(P, keys: list[str], workdir: Path, data_root: Path | None) -> s
         ds = P.dataset(key)
         out = workdir / ds.prepared_dir
         speech = ds.chunk_length is None  # SC09-like clips, else music chunks
-        real = data_root / ("sc09_sample" if speech else "piano") if data_root else None
+        sub = "sc09_sample" if speech else "piano"
+        real = data_root / sub if data_root else None
         if real is not None and real.is_dir():
             prepare("sc09" if speech else "folder", real, out, key=key, progress=False)
-            what.append(f"{key}: real ({real})")
+            what.append(f"{key}: real ({(shown_root or data_root) / sub})")
         elif speech:
             prepare("synth-digits", None, out, n_clips=40, key=key, progress=False)
             what.append(f"{key}: synthetic digits")
@@ -580,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     data_root = args.data.resolve() if args.data else None
     with contextlib.chdir(workdir):
-        data = prepare_data(P, keys, workdir, data_root)
+        data = prepare_data(P, keys, workdir, data_root, args.data)
     base = {"params": str(Path(args.params).resolve()), "workdir": str(workdir),
             "device": device, "threads": args.threads, "memory_gb": args.memory_gb}  # fmt: skip
     rows: list[dict] = []
