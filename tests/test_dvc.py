@@ -12,9 +12,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 import threading
 import zipfile
@@ -25,6 +23,7 @@ import torch
 import yaml
 
 from sashimi.config import ROOT
+from test_workflow import _run  # the same tool runner (tests/ is on sys.path)
 
 BIN = Path(sys.executable).parent
 COPY = ["Snakefile", "profiles", "workflow", "dvc.yaml", ".dvcignore", "params.yaml", "src"]
@@ -34,16 +33,12 @@ RUN = "sashimi-sc09"
 pytestmark = pytest.mark.timeout(1200)
 
 
+GIT_ENV = dict(OMP_NUM_THREADS="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
+
+
 def _sh(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
-    full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    full_env.update(OMP_NUM_THREADS="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-                    GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")  # fmt: skip
-    full_env.pop("SASHIMI_SCALE", None)
-    full_env.update(env or {})
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
-    return out
+    return _run(cmd, cwd, {**GIT_ENV, **(env or {})}, timeout=600)
 
 
 def dvc(cwd: Path, *args: str, env: dict | None = None) -> str:

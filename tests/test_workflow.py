@@ -52,11 +52,12 @@ def _copy_repo(dst: Path) -> Path:
     return dst
 
 
-def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> str:
+    """Run a tool of the venv in `cwd` (scale from the copy's params.yaml); its output, or fail."""
     full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     full_env.pop("SASHIMI_SCALE", None)
     full_env.update(env or {})
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
     return out
