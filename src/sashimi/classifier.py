@@ -455,17 +455,7 @@ def reference_stats(
 
 
 def _scores(feats: np.ndarray, probs: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, float]:
-    if len(feats) < 2:
-        raise UserError(f"need at least 2 clips to score, got {len(feats)}")
-    return dict(
-        fid=metrics.fid_from_stats(
-            feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False)), ref["mu"], ref["cov"]
-        ),
-        **{"is": metrics.inception_score(probs, paper=True)},
-        is_textbook=metrics.inception_score(probs, paper=False),
-        mis=metrics.modified_inception_score(probs),
-        am=metrics.am_score(ref["probs"], probs),
-    )
+    return metrics.sc09_scores(feats, probs, ref["mu"], ref["cov"], ref["probs"])
 
 
 def score_samples(
