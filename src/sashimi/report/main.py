@@ -27,10 +27,9 @@ from sashimi.speed import write_speed_table
 from sashimi.stability import write_stability_table
 
 
-def all_tables(P: Params) -> dict[str, Table]:
-    """Every table of the report, from what results/ holds now."""
+def all_tables(P: Params, results: dict) -> dict[str, Table]:
+    """Every table of the report, from what results/ holds now (`results`: collect per run)."""
     ref = load_reference()
-    results = {k: collect(r) for k, r in P.runs.items()}
     real = {s: read_json(real_metrics_path(s)) for s in REAL_SPLITS}
     tables = build_tables(P, results, ref, real)
     tables["sc09_release"] = release_table(P, ref, read_release_metrics(P))
@@ -60,7 +59,8 @@ def make_report(
     """Write tables, figures, audio, report.html and the listening page under `out` (and the
     MOS table when rating files are given). Returns what was written."""
     out = Path(out)
-    tables = all_tables(P)
+    results = {k: collect(r) for k, r in P.runs.items()}
+    tables = all_tables(P, results)
     if ratings:
         tables["mos"] = mos_report_table(P, ratings, out)
     written: dict[str, list[Path]] = {"tables": [], "figures": [], "audio": []}
@@ -70,7 +70,6 @@ def make_report(
             with atomic_write(p, "w") as f:
                 f.write(render(t, P))
             written["tables"].append(p)
-    results = {k: collect(r) for k, r in P.runs.items()}
     groups = F.copy_audio(P, {k: r for k, r in results.items() if r.run.table}, out, clips)
     written["audio"] = [p for ps in groups.values() for p in ps]
     written["listening"] = write_listening_page(P, groups, out)
