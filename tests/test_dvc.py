@@ -23,10 +23,9 @@ import torch
 import yaml
 
 from sashimi.config import ROOT
-from test_workflow import _run  # the same tool runner (tests/ is on sys.path)
+from test_workflow import _copy_repo, _run  # tests/ is on sys.path
 
 BIN = Path(sys.executable).parent
-COPY = ["Snakefile", "profiles", "workflow", "dvc.yaml", ".dvcignore", "params.yaml", "src"]
 RAW = "workflow/raw/dvc.yaml"
 RUN = "sashimi-sc09"
 
@@ -51,13 +50,7 @@ def git(cwd: Path, *args: str) -> str:
 
 def _new_repo(path: Path) -> Path:
     """A git + DVC repository holding the workflow files and this repo's .dvc/config."""
-    path.mkdir(parents=True)
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(src, path / name)
+    _copy_repo(path)
     (path / ".gitignore").write_text("__pycache__/\n*.egg-info/\n")
     git(path, "init", "-q")
     dvc(path, "init", "-q")
