@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from sashimi.data import archive as A
 from sashimi.data import download as D
+from sashimi.data import fetch as F
 from sashimi.data import release as R
 from sashimi.errors import UserError
 
@@ -131,7 +133,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != D.MARKER
+        if p.is_file() and p.name != A.MARKER
     }
 
 
@@ -139,7 +141,7 @@ def test_good_tar_gz(server, monkeypatch, tmp_path):
     _register(monkeypatch, server, "toy", "toy.tar.gz", _tar_gz(FILES))
     out = D.download("toy", tmp_path / "raw" / "toy", progress=False)
     assert _tree(out) == FILES
-    assert (out / D.MARKER).is_file()
+    assert (out / A.MARKER).is_file()
     assert not (tmp_path / "raw" / ".archives").exists()  # archive removed after extraction
     assert [p.name for p in (tmp_path / "raw").iterdir()] == ["toy"]  # no temp folders left
     n = len(server.requests)
@@ -174,7 +176,7 @@ def test_dropped_connection_retries_within_one_call(server, monkeypatch, tmp_pat
     data = _zip(FILES)
     _register(monkeypatch, server, "toy", "toy.zip", data)
     server.cuts = [100, 50]
-    monkeypatch.setattr(D, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(F, "BACKOFF_S", 0.0)
     out = D.download("toy", tmp_path / "toy", retries=3, progress=False)
     assert _tree(out) == FILES
     assert [r["range"] for r in server.requests] == [None, "bytes=100-", "bytes=150-"]
@@ -224,6 +226,18 @@ def test_401_explains_gated_access_and_token_stays_home(server, monkeypatch, tmp
     )
     assert "\n" not in msg
     assert server.requests[0]["auth"] is None  # the token is only sent to huggingface.co
+
+
+def test_403_on_an_open_archive_says_access_denied(server, monkeypatch, tmp_path):
+    _register(monkeypatch, server, "toy", "toy.zip", b"zip")
+    server.status["/toy.zip"] = 403
+    with pytest.raises(UserError) as e:
+        D.download("toy", tmp_path / "toy", progress=False)
+    assert str(e.value) == (
+        f"{server.base}/toy.zip: HTTP 403 access denied "
+        "(pass a working --url, or set HF_TOKEN for Hugging Face)"
+    )
+    assert not (tmp_path / "toy").exists()
 
 
 def test_no_network_names_the_url(tmp_path):
@@ -301,7 +315,7 @@ def test_inside_symlink_allowed(tmp_path):
     archive = tmp_path / "t.tar"
     archive.write_bytes(buf.getvalue())
     (tmp_path / "x").mkdir()
-    D.extract(archive, tmp_path / "x")
+    A.extract(archive, tmp_path / "x")
     assert (tmp_path / "x" / "a" / "link.txt").read_text() == "hi"
 
 
@@ -310,7 +324,7 @@ def test_corrupt_archive_message(tmp_path):
     archive.write_bytes(_zip(FILES)[:-40])
     (tmp_path / "x").mkdir()
     with pytest.raises(UserError, match="bad.zip"):
-        D.extract(archive, tmp_path / "x")
+        A.extract(archive, tmp_path / "x")
 
 
 def test_existing_foreign_folder_is_not_replaced(server, monkeypatch, tmp_path):
@@ -330,11 +344,11 @@ def test_hf_token_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    assert D.hf_token() is None
+    assert F.hf_token() is None
     (tmp_path / "token").write_text("hf_fromfile\n")
-    assert D.hf_token() == "hf_fromfile"
+    assert F.hf_token() == "hf_fromfile"
     monkeypatch.setenv("HF_TOKEN", "hf_env")
-    assert D.hf_token() == "hf_env"
+    assert F.hf_token() == "hf_env"
 
 
 def test_table_and_cli(server, monkeypatch, tmp_path):
@@ -370,13 +384,13 @@ def test_recover_dir_after_interrupted_replace(tmp_path):
     old.mkdir()
     (old / "keep.txt").write_text("old")
     (tmp_path / ".data.tmp-xyz").mkdir()  # an unfinished new folder
-    D.recover_dir(target)
+    A.recover_dir(target)
     assert (target / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     new = tmp_path / "new"
     new.mkdir()
     (new / "n.txt").write_text("new")
-    D.replace_dir(new, target)
+    A.replace_dir(new, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (target / "n.txt").exists()
 
 
@@ -441,7 +455,7 @@ def hub(server, monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_ENDPOINT", server.base)
-    monkeypatch.setattr(D, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(F, "BACKOFF_S", 0.0)
     return server
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sashimi.data.download import recover_dir, replace_dir
+from sashimi.data.archive import recover_dir, replace_dir
 from sashimi.errors import UserError
 from sashimi.io import read_audio, write_json
 

@@ -6,11 +6,11 @@ generated SC09 clips of every model of the paper (`samples/sc09/...`) and the ch
 hub's tree listing gives each file's size and, for LFS files, its sha256 (small files kept
 in git: the git blob id), and every file is checked against those before it is renamed
 into place. Files land at `<out>/<path in the repo>` (default out: data/raw/release),
-resumable through `download.fetch`; a `.zip` (the README says sample folders are zipped)
-is extracted into the folder of its stem beside it. `<out>/.sashimi-<name>.json` lists
-what was fetched and is written last. HF_ENDPOINT points at a mirror, as in huggingface_hub.
-
-The files are untrusted (pickles among them): this module only copies and unzips bytes.
+fetched resumably (sashimi.data.fetch); a `.zip` (the README says sample folders are
+zipped) is unpacked into the folder of its stem beside it. `<out>/.sashimi-<name>.json`
+lists what was fetched and is written last. HF_ENDPOINT points at a mirror, as in
+huggingface_hub. The files are untrusted (pickles among them): this module only copies
+and unzips bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,15 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sashimi.data.download import (
-    MARKER,
-    _flatten_single_dir,
-    extract,
-    fetch,
-    hf_token,
-    recover_dir,
-    replace_dir,
-)
+from sashimi.data.archive import MARKER, recover_dir, unpack
+from sashimi.data.fetch import fetch, hf_token
 from sashimi.errors import UserError
 from sashimi.io import write_json
 
@@ -233,18 +224,9 @@ def _fetch_entry(e: Entry, root: Path, retries: int, token: str | None, progress
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)
         return "fetched"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        extract(staged, tmp)
-        content = tmp  # `x.zip` may hold `x/...` or deeper single folders: down to the clips
-        while (inner := _flatten_single_dir(content)) != content:
-            content = inner
-        info = {"file": e.path, "url": url, "bytes": e.size, "sha256": e.sha256}
-        (content / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        replace_dir(content, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # `x.zip` may hold `x/...` or deeper single folders: down to the clips
+    info = {"file": e.path, "url": url, "bytes": e.size, "sha256": e.sha256}
+    unpack(staged, folder, info, deep=True)
     staged.unlink()
     return "fetched"
 
