@@ -23,7 +23,7 @@ def _run(argv, capsys) -> dict:
 def test_bench_train_with_naive(capsys, tmp_path):
     out = tmp_path / "b.json"
     r = _run(["bench", "train", "--model", "sashimi", "--model-kwargs", TINY_SASHIMI, "--batch", "2",
-              "--length", "64", "--steps", "2", "--warmup", "0", "--naive", "--s4-compile", "never", "--out", str(out)], capsys)  # fmt: skip
+              "--length", "64", "--steps", "2", "--warmup", "0", "--naive", "--compile", "never", "--out", str(out)], capsys)  # fmt: skip
     for k in ("seconds_per_step", "peak_rss_mb", "params", "device", "model", "batch", "length",
               "naive_seconds_per_step", "speedup"):  # fmt: skip
         assert k in r, k
@@ -33,12 +33,12 @@ def test_bench_train_with_naive(capsys, tmp_path):
     assert r["seconds_per_step"] > 0 and r["params"] > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["seconds_per_step"], rel=1e-3)
     assert json.loads(out.read_text()) == r
-    assert r["s4_compile"] == "never"
+    assert r["compile"] == "never" and r["compiled_whole"] is False
 
 
 def test_bench_generate_sashimi_with_naive(capsys):
     r = _run(["bench", "generate", "--model", "sashimi", "--model-kwargs", TINY_SASHIMI, "--batch", "2",
-              "--steps", "20", "--no-compile", "--naive", "--naive-steps", "5"], capsys)  # fmt: skip
+              "--steps", "20", "--compile", "never", "--naive", "--naive-steps", "5"], capsys)  # fmt: skip
     for k in (
         "seconds_per_step",
         "realtime_factor",
@@ -48,7 +48,7 @@ def test_bench_generate_sashimi_with_naive(capsys):
         "naive",
     ):
         assert k in r, k
-    assert r["steps"] == 20 and r["compiled"] is False
+    assert r["steps"] == 20 and r["compile"] == "never" and r["compiled"] is False
     assert r["realtime_factor"] == pytest.approx(
         2 * 20 / 16000 / (r["seconds_per_step"] * 20), rel=1e-2
     )

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from sashimi import classifier as C
+from sashimi import classifier_data as CD
 from sashimi import classifier_train as CT
+from sashimi import sc09_scoring as SC
 from sashimi.config import TrainConfig
 from sashimi.errors import UserError
 
@@ -188,8 +190,8 @@ def tone_model(tone_data, tmp_path_factory):
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
     t0 = time.time()
     model = CT.train_classifier(
-        C.LabelledWaves(xt, yt),
-        C.LabelledWaves(xv, yv),
+        CD.LabelledWaves(xt, yt),
+        CD.LabelledWaves(xv, yv),
         _tc(max_epochs=5, batch_size=16, lr=0.02, seed=0, augment=False),
         TINY,
         ckpt_dir=ckpt_dir,
@@ -221,7 +223,7 @@ def test_tiny_classifier_learns_tones(tone_model, tone_data):
 
 def test_train_resumes_from_last(tone_data, tmp_path):
     (xt, yt), (xv, yv) = tone_data["train"], tone_data["validation"]
-    tr, va = C.LabelledWaves(xt[:64], yt[:64]), C.LabelledWaves(xv[:20], yv[:20])
+    tr, va = CD.LabelledWaves(xt[:64], yt[:64]), CD.LabelledWaves(xv[:20], yv[:20])
     logs = []
     kw = dict(ckpt_dir=tmp_path, device="cpu", log=logs.append)
     CT.train_classifier(tr, va, _tc(max_epochs=1, batch_size=32), TINY, **kw)
@@ -367,9 +369,9 @@ def test_score_samples_orders_real_noise_silence(tone_model, tone_data, tone_ref
     noise = np.random.default_rng(5).normal(size=held.shape).astype(np.float32) * 0.3
     silence = np.zeros_like(held)
     cache = tmp_path / "cache"
-    s_real = C.score_samples(held, model, ref, autoregressive=False, cache_dir=cache)
-    s_noise = C.score_samples(noise, model, ref, autoregressive=False, cache_dir=cache)
-    s_sil = C.score_samples(silence, model, ref, autoregressive=False, cache_dir=cache)
+    s_real = SC.score_samples(held, model, ref, autoregressive=False, cache_dir=cache)
+    s_noise = SC.score_samples(noise, model, ref, autoregressive=False, cache_dir=cache)
+    s_sil = SC.score_samples(silence, model, ref, autoregressive=False, cache_dir=cache)
     assert set(s_real) == {"fid", "is", "is_textbook", "mis", "am", "n_scored", "n_generated"}
     assert s_real["fid"] < s_noise["fid"] and s_real["fid"] < s_sil["fid"]
     assert s_real["is"] > s_noise["is"] and s_real["is"] > s_sil["is"]
@@ -378,12 +380,12 @@ def test_score_samples_orders_real_noise_silence(tone_model, tone_data, tone_ref
     assert s_real["am"] < s_noise["am"]
     assert len(list(cache.glob("ref_stats_*.npz"))) == 1  # computed once, reused
     # the cache is keyed by the classifier: another model gets its own file
-    C.score_samples(
+    SC.score_samples(
         held[:10], C.DigitClassifier(**TINY).eval(), ref, autoregressive=False, cache_dir=cache
     )
     assert len(list(cache.glob("ref_stats_*.npz"))) == 2
     # cached stats give the same numbers
-    again = C.score_samples(held, model, ref, autoregressive=False, cache_dir=cache)
+    again = SC.score_samples(held, model, ref, autoregressive=False, cache_dir=cache)
     assert again == s_real
 
 
@@ -406,21 +408,21 @@ def test_score_samples_autoregressive_protocol(tone_model, tone_data, tone_ref, 
             write_wav(p, clip)
         paths.append(p)
     ll = np.random.default_rng(0).normal(size=40)
-    s = C.score_samples(paths, model, ref, loglik=ll, autoregressive=True, cache_dir=cache)
+    s = SC.score_samples(paths, model, ref, loglik=ll, autoregressive=True, cache_dir=cache)
     assert s["n_generated"] == 40 and s["n_scored"] == 11  # 20 held out, drop 8 low and 1 high
     from sashimi import metrics
 
     idx = metrics.select_paper_subset(ll)
-    direct = C.score_samples(x[idx], model, ref, autoregressive=False, cache_dir=cache)
+    direct = SC.score_samples(x[idx], model, ref, autoregressive=False, cache_dir=cache)
     assert s["is"] == pytest.approx(direct["is"], rel=1e-3)
     with pytest.raises(UserError, match="log-likelihoods"):
-        C.score_samples(paths, model, ref, loglik=None, autoregressive=True)
+        SC.score_samples(paths, model, ref, loglik=None, autoregressive=True)
 
 
 def test_score_real_split(tone_model, tone_ref):
     ref, cache = tone_ref
-    tr = C.score_real_split(ref, "train", tone_model[0], cache_dir=cache)
-    te = C.score_real_split(ref, "test", tone_model[0], max_clips=50, cache_dir=cache)
+    tr = SC.score_real_split(ref, "train", tone_model[0], cache_dir=cache)
+    te = SC.score_real_split(ref, "test", tone_model[0], max_clips=50, cache_dir=cache)
     assert tr["fid"] == pytest.approx(0.0, abs=1e-6) and tr["n_scored"] == 160
     assert te["n_scored"] == 50 and te["n_generated"] == 100 and te["fid"] > 0
 
@@ -449,13 +451,13 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
     files, take, labels = _fsdd(shared_data_dir)
     tr = np.flatnonzero(take >= 5)[::3]  # every third train clip keeps this fast
     te = np.flatnonzero(take < 5)[::2]
-    xtr, xte = C.read_clips([files[i] for i in tr]), C.read_clips([files[i] for i in te])
+    xtr, xte = CD.read_clips([files[i] for i in tr]), CD.read_clips([files[i] for i in te])
     ref = _write_prepared(tmp_path / "fsdd", {"train": (xtr, labels[tr])})
     perm = np.random.default_rng(0).permutation(len(tr))
     val, fit = perm[:75], perm[75:]
     model = CT.train_classifier(
-        C.LabelledWaves(xtr, labels[tr], indices=fit),
-        C.LabelledWaves(xtr, labels[tr], indices=val),
+        CD.LabelledWaves(xtr, labels[tr], indices=fit),
+        CD.LabelledWaves(xtr, labels[tr], indices=val),
         # an epoch budget, not a time budget: the same model on a busy machine
         _tc(max_epochs=8, batch_size=32, lr=0.05, augment=False, precise_bn_batches=4),
         TINY,
@@ -463,11 +465,11 @@ def test_fsdd_real_digits_score_better_than_noise(shared_data_dir, tmp_path):
         log=None,
     )
     rng = np.random.default_rng(0)
-    held = C.score_samples(xte, model, ref, autoregressive=False)
-    noise = C.score_samples(
+    held = SC.score_samples(xte, model, ref, autoregressive=False)
+    noise = SC.score_samples(
         rng.normal(size=xte.shape).astype(np.float32) * 0.1, model, ref, autoregressive=False
     )
-    silence = C.score_samples(np.zeros_like(xte), model, ref, autoregressive=False)
+    silence = SC.score_samples(np.zeros_like(xte), model, ref, autoregressive=False)
     assert held["fid"] < noise["fid"] and held["fid"] < silence["fid"]
     assert (
         held["is_textbook"] > noise["is_textbook"] and held["is_textbook"] > silence["is_textbook"]
@@ -497,7 +499,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     bad = np.zeros((4, SR), dtype=np.float32)
     bad[1, 5] = np.nan
     with pytest.raises(UserError, match="NaN"):
-        C.classify(m, bad)
+        SC.classify(m, bad)
     with pytest.raises(UserError, match="not found"):
         C.load_classifier(tmp_path / "missing.pt")
     torch.save({"model_name": "wavenet"}, tmp_path / "other.pt")
@@ -505,4 +507,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         C.load_classifier(tmp_path / "other.pt")
     prep = _write_prepared(tmp_path / "p", {"train": (bad[:2] * 0, np.array([-1, -1]))})
     with pytest.raises(UserError, match="labels"):
-        C.labelled_split(prep, "train")
+        CD.labelled_split(prep, "train")

@@ -11,13 +11,24 @@ from sashimi.cli import VERBS, main
 def test_help_lists_every_verb(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for verb in ("download", "prepare", "train", "sample", "evaluate", "report", "bench", "classifier"):
+    for verb in (
+        "download",
+        "prepare",
+        "train",
+        "sample",
+        "evaluate",
+        "report",
+        "bench",
+        "classifier",
+    ):
         assert verb in out
     assert set(VERBS) >= {"download", "prepare", "train", "sample", "evaluate", "report", "bench"}
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "sashimi", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "sashimi", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "download" in r.stdout
 
 

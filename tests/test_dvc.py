@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from sashimi.config import ROOT
+from conftest import ROOT  # tests/ is on sys.path
 from test_workflow import _copy_repo, _run  # tests/ is on sys.path
 
 BIN = Path(sys.executable).parent

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from test_train import (
     REAL,
@@ -56,6 +57,23 @@ def _direct_nll_bits(
     return total / count / math.log(2), count
 
 
+def _set_eval(root, **values):
+    """Set params.yaml `eval` keys (e.g. nll_batch_size) in the test's params file."""
+    path = root / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"] = dict(raw.get("eval") or {}, **values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-clips"])
+def test_evaluate_settings_are_not_flags(workdir, flag):
+    """NLL batch and real-clip subset live in params.yaml `eval`: the flags are argparse errors."""
+    write_params(workdir, {"tiny": tiny_run()})
+    with pytest.raises(SystemExit) as e:
+        cli("evaluate", "--run", "tiny", flag, "2")
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("chunk_length", [None, 128])
 def test_nll_equals_direct_computation(workdir, chunk_length):
     from sashimi.checkpoints import load_model
@@ -72,7 +90,8 @@ def test_nll_equals_direct_computation(workdir, chunk_length):
     assert cli("train", "--run", "tiny") == 0
     out = workdir / "results/runs/tiny/metrics.json"
     out.write_text(json.dumps({"fid": 1.5}))  # other keys survive
-    assert cli("evaluate", "--run", "tiny", "--batch-size", "2") == 0
+    _set_eval(workdir, nll_batch_size=2)
+    assert cli("evaluate", "--run", "tiny") == 0
     m = json.loads(out.read_text())
     model, ckpt = load_model(workdir / "results/runs/tiny")
     bits, n = _direct_nll_bits(model, workdir / "data/prepared/tiny", "test", chunk_length)
@@ -96,6 +115,7 @@ def test_nll_equals_direct_computation(workdir, chunk_length):
     m = json.loads(out.read_text())
     assert m["nll_split"] == "validation" and m["nll_checkpoint"].endswith("last.pt")
     # the default batch is large (every test item at once) and gives the same number
+    _set_eval(workdir, nll_batch_size=None)
     assert cli("evaluate", "--run", "tiny") == 0
     m = json.loads(out.read_text())
     assert m["nll_batch_size"] == (5 if chunk_length is None else n // chunk_length)
@@ -208,12 +228,11 @@ def test_sc09_metrics_and_real_rows(workdir):
         import sashimi.classifier  # noqa: F401
     except ImportError as e:
         pytest.skip(f"sashimi.classifier not importable ({e})")
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    sample = {"n": 16, "seconds": 0.01, "batch_size": 8}
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}, sample=sample)})
     _tiny_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")
     assert cli("train", "--run", "tiny") == 0
-    assert (
-        cli("sample", "--run", "tiny", "--n", "16", "--seconds", "0.01", "--batch-size", "8") == 0
-    )
+    assert cli("sample", "--run", "tiny") == 0
     assert cli("evaluate", "--run", "tiny", "--metrics", "nll,sc09") == 0
     m = json.loads((workdir / "results/runs/tiny/metrics.json").read_text())
     for k in ("nll_bits", "fid", "is", "is_textbook", "mis", "am"):
@@ -225,6 +244,11 @@ def test_sc09_metrics_and_real_rows(workdir):
     assert cli("evaluate", "--real", "tiny", "--split", "test") == 0
     r = json.loads((workdir / "results/runs/real-test/metrics.json").read_text())
     assert r["n_scored"] == 5 and math.isfinite(r["fid"]) and r["split"] == "test"
+    # eval.real_max_clips: a seeded subset of the split
+    _set_eval(workdir, real_max_clips=3)
+    assert cli("evaluate", "--real", "tiny", "--split", "test") == 0
+    r = json.loads((workdir / "results/runs/real-test/metrics.json").read_text())
+    assert r["n_scored"] == 3 and r["n_generated"] == 5
 
 
 # ============================================================================ folders of wavs
@@ -260,8 +284,10 @@ def _sc09_workdir(workdir, eval_block=None):
 
 
 def test_wavs_without_likelihoods_are_scored_whole(workdir):
-    from sashimi.classifier import classify, labelled_split, load_classifier, read_clips
+    from sashimi.classifier import load_classifier
+    from sashimi.classifier_data import labelled_split, read_clips
     from sashimi.metrics import fid
+    from sashimi.sc09_scoring import classify
 
     _sc09_workdir(workdir)
     names = [f"clip_{c}.wav" for c in "abcdefg"]
@@ -343,8 +369,10 @@ def test_likelihood_order_needs_one_numbered_sequence(tmp_path):
 def test_wavs_scored_with_the_released_format_pickle(workdir, fixtures_dir):
     """The authors' classifier as released (a pickled DataParallel of `models.resnext`, here the
     fixture's small instance) scores a folder of wavs through params.yaml, safely."""
-    from sashimi.classifier import classify, labelled_split, load_classifier, read_clips
+    from sashimi.classifier import load_classifier
+    from sashimi.classifier_data import labelled_split, read_clips
     from sashimi.metrics import fid
+    from sashimi.sc09_scoring import classify
 
     fx = torch.load(fixtures_dir / "sc09_classifier_official.pt", weights_only=True)
     _sc09_workdir(workdir, {"sc09_classifier": "released"})

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import ROOT  # tests/ is on sys.path
 from sashimi.cli import main
-from sashimi.config import ROOT
 from sashimi.errors import UserError
 from sashimi.import_checkpoint import convert_state_dict, load_into_model
 from sashimi.ssm.s4 import convert_v3_kernel_state
@@ -329,7 +329,7 @@ def test_released_kind_imports_samples_and_evaluates(key, fixtures_dir, tmp_path
     src, (*inputs, expected) = _release_file(tmp_path, key, fx)
     (tmp_path / "work").mkdir()
     work = setup_workdir(tmp_path / "work", monkeypatch)
-    sample = {"sampler": "fast", "fast_steps": 2}
+    sample = {"sampler": "fast", "fast_steps": 2, "n": 4, "seconds": 0.01, "batch_size": 4}
     write_params(work, {key: {"kind": kind, "dataset": "tiny", "model": model, "sample": sample}})
     # the released classifier, imported too: scores the diffusion samples below
     clf_src = tmp_path / "resnext.pth"
@@ -342,8 +342,7 @@ def test_released_kind_imports_samples_and_evaluates(key, fixtures_dir, tmp_path
     assert ck["path"].endswith("imported.pt") and ck["kind"] == kind
     with torch.no_grad():
         assert _err(m(*inputs), expected) < 1e-4  # the official outputs, through the import
-    n = "4"
-    assert cli("sample", "--run", key, "--n", n, "--seconds", "0.01", "--batch-size", "4") == 0
+    assert cli("sample", "--run", key) == 0
     assert len(list((work / "results/runs" / key / "samples").glob("*.wav"))) == 4
     metrics = "nll" if kind == "ar" else "sc09"
     assert cli("evaluate", "--run", key, "--metrics", metrics, "--classifier", "clf.pt") == 0

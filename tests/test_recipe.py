@@ -12,8 +12,9 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import ROOT  # tests/ is on sys.path
 from sashimi.ar_loss import n_targets, nll_sum
-from sashimi.config import ROOT, TrainConfig, load_params
+from sashimi.config import TrainConfig, load_params
 from sashimi.errors import UserError
 from sashimi.import_checkpoint import convert_state_dict, load_into_model
 from sashimi.optim import build_optimizer, build_scheduler, is_plateau, ssm_parameters

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sashimi import rehearse
+from sashimi import rehearse, rehearse_phases, rehearse_table
 from sashimi.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,19 +108,19 @@ def test_keep_reads_back_only_passed_rows(tmp_path):
     rows = _rows()
     rows[0]["status"] = rows[1]["status"] = "ok"
     rehearse.gpu_seconds(rows, gpu_measured=False)
-    csv_path, _ = rehearse.write_table(rows, ["# header"], tmp_path / "rehearsal")
-    kept = rehearse.passed_rows(csv_path)
+    csv_path, _ = rehearse_table.write_table(rows, ["# header"], tmp_path / "rehearsal")
+    kept = rehearse_table.passed_rows(csv_path)
     assert sorted(kept) == ["sashimi-sc09", "wavenet-sc09"]
     rehearse.gpu_seconds(list(kept.values()), gpu_measured=False)  # strings read back
     assert kept["sashimi-sc09"]["gpu_s_per_step"] == 0.205
     assert kept["sashimi-sc09"]["status"] == "ok" and kept["sashimi-sc09"]["eval"] is None
-    assert rehearse.passed_rows(tmp_path / "missing.csv") == {}
+    assert rehearse_table.passed_rows(tmp_path / "missing.csv") == {}
 
 
 def test_table_has_one_row_per_run(tmp_path):
     rows = _rows()
     rehearse.gpu_seconds(rows, gpu_measured=False)
-    csv_path, md_path = rehearse.write_table(rows, ["# header"], tmp_path / "rehearsal")
+    csv_path, md_path = rehearse_table.write_table(rows, ["# header"], tmp_path / "rehearsal")
     with open(csv_path, newline="") as f:
         got = list(csv.DictReader(f))
     assert [r["run"] for r in got] == ["sashimi-sc09", "wavenet-sc09", "broken"]
@@ -135,7 +135,7 @@ def test_a_failing_phase_is_named(tmp_path):
     spec = {"params": str(ROOT / "params.yaml"), "workdir": str(tmp_path), "device": "cpu",
             "threads": 1, "memory_gb": 0, "run": "sashimi-sc09", "batch": 1, "steps": 1,
             "resume": False}  # fmt: skip
-    res = rehearse.run_phase("train", spec, timeout_s=300)
+    res = rehearse_phases.run_phase("train", spec, timeout_s=300)
     assert res["error"].startswith("train failed: UserError: data/prepared/sc09")
     assert "not prepared" in res["error"] and "\n" not in res["error"]
 
@@ -158,10 +158,10 @@ def test_paper_shape_step_checkpoint_and_resume(tmp_path, paper, monkeypatch):
         f.unlink()  # no validation split: the trainer skips validation (70 s of GRU on a CPU)
     spec = {"params": str(ROOT / "params.yaml"), "device": "cpu", "run": "samplernn-sc09",
             "batch": 1}  # fmt: skip
-    first = rehearse.PHASES["train"](dict(spec, steps=1, resume=False))
+    first = rehearse_phases.PHASES["train"](dict(spec, steps=1, resume=False))
     ckpt = tmp_path / "results/runs/samplernn-sc09/checkpoints/last.pt"
     assert ckpt.is_file()
-    second = rehearse.PHASES["train"](dict(spec, steps=2, resume=True))
+    second = rehearse_phases.PHASES["train"](dict(spec, steps=2, resume=True))
     assert second["step"] == 2 and len(second["step_s"]) == 1  # only the resumed step ran
     n_params = sum(p.numel() for p in _build(paper.run("samplernn-sc09")).parameters())
     assert first["params"] == second["params"] == n_params

@@ -594,7 +594,7 @@ def test_large_eager_kernel_hints_once_at_compiling(monkeypatch):
     monkeypatch.setattr(kernels, "_hinted", False)
     k = perturbed_kernel(H=3, N=16)
     assert k.compile_mode == "auto"
-    with pytest.warns(UserWarning, match="s4_compile: always") as rec:
+    with pytest.warns(UserWarning, match="compile: always") as rec:
         k(L=32)
         k(L=32)
         k(L=16)  # below the size: no hint either

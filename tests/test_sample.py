@@ -69,9 +69,10 @@ def test_loglik_is_the_models_own_likelihood(temperature, top_p):
 
 
 def test_sample_writes_wavs_and_csv_and_resumes(workdir, capsys):
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    sample = {"n": 5, "seconds": 0.01, "batch_size": 2}
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}, sample=sample)})
     assert cli("train", "--run", "tiny") == 0
-    argv = ["sample", "--run", "tiny", "--n", "5", "--seconds", "0.01", "--batch-size", "2"]
+    argv = ["sample", "--run", "tiny"]
     assert cli(*argv) == 0
     out = workdir / "results/runs/tiny/samples"
     wavs = sorted(out.glob("*.wav"))
@@ -111,7 +112,8 @@ def test_sample_writes_wavs_and_csv_and_resumes(workdir, capsys):
     assert '"generated_batches": 0' in capsys.readouterr().out
     assert (out / "summary.json").read_bytes() == before_summary
     # more clips extend the folder; other settings are refused
-    assert cli(*argv[:3], "--n", "6", *argv[5:]) == 0
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}, sample=dict(sample, n=6))})
+    assert cli(*argv) == 0
     assert len(list(out.glob("*.wav"))) == 6
     with pytest.raises(UserError, match=r"temperature=1\.0, now temperature=0\.5"):
         from sashimi.config import load_params
@@ -141,28 +143,16 @@ def test_decoding_uses_the_runs_quantiser(workdir):
         "tiny": {"format": "folder", "download": None, "quantization": "mu-law"},
         "lin": {"format": "folder", "download": None, "quantization": "linear"},
     }
-    write_params(
-        workdir, {"tiny": tiny_run(train={"max_steps": 2}), "lin": tiny_run(dataset="lin")}, ds
-    )
+    sample = {"n": 2, "seconds": 0.02}
+    runs = {
+        "tiny": tiny_run(train={"max_steps": 2}, sample=sample),
+        "lin": tiny_run(dataset="lin", sample=sample),
+    }
+    write_params(workdir, runs, ds)
     assert cli("train", "--run", "tiny") == 0
     ck = str(workdir / "results/runs/tiny/checkpoints/last.pt")
     for key in ("tiny", "lin"):
-        assert (
-            cli(
-                "sample",
-                "--run",
-                key,
-                "--n",
-                "2",
-                "--seconds",
-                "0.02",
-                "--checkpoint",
-                ck,
-                "--out",
-                f"s-{key}",
-            )
-            == 0
-        )
+        assert cli("sample", "--run", key, "--checkpoint", ck, "--out", f"s-{key}") == 0
     lin, _ = sf.read(workdir / "s-lin/00000.wav", dtype="float64")
     mu, _ = sf.read(workdir / "s-tiny/00000.wav", dtype="float64")
     q = np.rint((lin + 1) * 128).astype(np.int64)  # linear: x = q / 128 - 1, exact within PCM-16
@@ -171,32 +161,75 @@ def test_decoding_uses_the_runs_quantiser(workdir):
     assert np.abs(mu - lin).max() > 1e-2  # the two decodings really differ
 
 
+@pytest.mark.parametrize(
+    "flag", ["--temperature", "--n", "--seconds", "--seed", "--top-p", "--prefix-seconds"]
+)
+def test_sample_command_line_takes_only_selectors(workdir, flag):
+    """Settings live in params.yaml: a hyper-parameter flag is an argparse error (exit 2)."""
+    write_params(workdir, {"tiny": tiny_run()})
+    with pytest.raises(SystemExit) as e:
+        cli("sample", "--run", "tiny", flag, "0.5")
+    assert e.value.code == 2
+
+
+def test_bad_sample_values_name_the_params_key(workdir, capsys):
+    from sashimi.config import load_params
+    from sashimi.sample import sample_run
+
+    write_params(workdir, {"tiny": tiny_run()})
+    P = load_params("params.yaml")
+    with pytest.raises(UserError, match=r"^runs\.tiny\.sample\.top_p: 1\.5 must be in \(0, 1\]$"):
+        sample_run(P, P.run("tiny"), top_p=1.5)
+    with pytest.raises(UserError, match=r"^runs\.tiny\.sample\.n: 0 must be >= 1$"):
+        sample_run(P, P.run("tiny"), n=0)
+    write_params(workdir, {"tiny": tiny_run(sample={"top_p": 1.5})})
+    assert cli("sample", "--run", "tiny") == 2
+    assert "runs.tiny.sample.top_p: 1.5 " in capsys.readouterr().err
+
+
+def test_sample_seed_and_prefix_seconds_come_from_params(workdir):
+    """`sample.seed` picks the clips (null: train.seed); `sample.prefix_seconds` the prefix."""
+    train = {"max_steps": 2, "seed": 3}
+
+    def sample(out, **values):
+        run = tiny_run(train=train, sample=dict({"n": 2, "seconds": 0.01}, **values))
+        write_params(workdir, {"tiny": run})
+        assert cli("sample", "--run", "tiny", "--out", out) == 0
+        return [w.read_bytes() for w in sorted((workdir / out).glob("*.wav"))]
+
+    write_params(workdir, {"tiny": tiny_run(train=train)})
+    assert cli("train", "--run", "tiny") == 0
+    a, again, b = sample("a", seed=1), sample("again", seed=1), sample("b", seed=2)
+    assert len(a) == 2 and a == again and a != b
+    default = sample("default")  # seed null: the run's train.seed
+    assert json.loads((workdir / "default/sample_config.json").read_text())["seed"] == 3
+    assert default == sample("three", seed=3) != a
+
+    sf.write(workdir / "prefix.wav", np.linspace(-0.5, 0.5, 400, dtype=np.float32), 16000)
+    for seconds in (0.005, 0.002):
+        out = f"cont-{seconds}"
+        run = tiny_run(train=train, sample={"n": 1, "seconds": 0.01, "prefix_seconds": seconds})
+        write_params(workdir, {"tiny": run})
+        assert cli("sample", "--run", "tiny", "--prefix", "prefix.wav", "--out", out) == 0
+        settings = json.loads((workdir / out / "sample_config.json").read_text())
+        assert settings["prefix_seconds"] == seconds and settings["prefix"] == "prefix.wav"
+        row = _rows(workdir / out / "loglik.csv")[0]  # only the generated samples are scored
+        n_gen = 160 - round(seconds * 16000)
+        assert float(row["bits_per_sample"]) == pytest.approx(
+            -float(row["loglik_nats"]) / (n_gen * math.log(2)), rel=1e-5
+        )
+
+
 def test_prefix_continuation(workdir):
     from sashimi.data.quantize import decode, encode
 
-    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2})})
+    sample = {"n": 3, "seconds": 0.03, "prefix_seconds": 0.01}
+    write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}, sample=sample)})
     assert cli("train", "--run", "tiny") == 0
     t = np.arange(800) / 8000
     prefix = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
     sf.write(workdir / "prefix.wav", prefix, 8000)  # 8 kHz: resampled to 16 kHz
-    assert (
-        cli(
-            "sample",
-            "--run",
-            "tiny",
-            "--n",
-            "3",
-            "--seconds",
-            "0.03",
-            "--prefix",
-            "prefix.wav",
-            "--prefix-seconds",
-            "0.01",
-            "--out",
-            "cont",
-        )
-        == 0
-    )
+    assert cli("sample", "--run", "tiny", "--prefix", "prefix.wav", "--out", "cont") == 0
     import torchaudio
 
     p16 = torchaudio.functional.resample(torch.from_numpy(prefix), 8000, 16000)[:160]
@@ -253,13 +286,19 @@ def test_real_models_sample(workdir, name):
                 "dataset": "tiny",
                 "model": model,
                 "train": dict({"max_steps": 2}, **train),
-                "sample": {"sampler": "fast", "fast_steps": 4},
+                "sample": {
+                    "sampler": "fast",
+                    "fast_steps": 4,
+                    "n": 2,
+                    "seconds": 0.04,
+                    "batch_size": 2,
+                },
             }
         },
         ds,
     )
     assert cli("train", "--run", name) == 0
-    assert cli("sample", "--run", name, "--n", "2", "--seconds", "0.04", "--batch-size", "2") == 0
+    assert cli("sample", "--run", name) == 0
     out = workdir / "results/runs" / name / "samples"
     rows = _rows(out / "loglik.csv")
     assert len(rows) == 2

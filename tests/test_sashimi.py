@@ -366,7 +366,7 @@ def test_compiled_step_matches_eager(batch):
 
 @pytest.mark.slow
 def test_whole_model_compile_gives_the_eager_gradients():
-    """train.compile: torch.compile of the whole model. The S4 layers' own compiled kernels
+    """torch.compile of the whole model (library use). The S4 layers' own compiled kernels
     step aside inside it, and FFTConv's output stays linked to its backward (it once came
     back cut off: every S4 parameter got a zero gradient). ~1 min of compiling."""
     # the S4 switch on: outside a whole-model compile the compiled Cauchy / norm paths run

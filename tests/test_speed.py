@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from sashimi.config import ROOT, load_params
+from conftest import ROOT  # tests/ is on sys.path
+from sashimi.config import load_params
 from sashimi.errors import UserError
 from sashimi.speed import KINDS, NOT_CONFIRMED, _paper_training_claim, measure, write_speed_table
 
@@ -64,7 +65,12 @@ def test_each_kind_is_timed_beside_its_reference(benches):
 
 def test_table_puts_the_paper_statements_beside_ours(benches):
     paths = write_speed_table(benches)
-    assert sorted(p.name for p in paths) == ["speed.csv", "speed.md", "speed.tex", "speed_bench.png"]
+    assert sorted(p.name for p in paths) == [
+        "speed.csv",
+        "speed.md",
+        "speed.tex",
+        "speed_bench.png",
+    ]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     rows = list(csv.DictReader((benches / "tables" / "speed.csv").open()))
     models = {r["model"] for r in rows}

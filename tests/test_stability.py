@@ -7,7 +7,8 @@ import csv
 import pytest
 import torch
 
-from sashimi.config import ROOT, load_params
+from conftest import ROOT  # tests/ is on sys.path
+from sashimi.config import load_params
 from sashimi.errors import UserError
 from sashimi.io import write_json
 from sashimi.models.sashimi import SaShiMi

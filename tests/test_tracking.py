@@ -176,16 +176,15 @@ def test_training_run_is_mirrored(tmp_path, monkeypatch):
     register_tiny_models(monkeypatch)
     monkeypatch.chdir(tmp_path)
     make_prepared(tmp_path)
-    write_params(tmp_path, {"tiny": tiny_run(train={"max_steps": 10, "log_every": 2})})
+    train = {"max_steps": 10, "log_every": 2}
+    write_params(tmp_path, {"tiny": tiny_run(train=train, sample={"n": 2, "seconds": 0.01})})
     # in-process MLflow: one import for the five jobs (the worker process has its own test)
     monkeypatch.setenv("SASHIMI_TRACKING", "inprocess")
     monkeypatch.setenv("SASHIMI_PROGRESS", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli("train", "--run", "tiny") == 0
     assert cli("train", "--run", "tiny", "--max-steps", "12") == 0  # resumed: the same MLflow run
-    assert (
-        cli("sample", "--run", "tiny", "--n", "2", "--seconds", "0.01") == 0
-    )  # clips go there too
+    assert cli("sample", "--run", "tiny") == 0  # clips go there too
     assert cli("evaluate", "--run", "tiny") == 0  # and the test NLL
 
     from mlflow.tracking import MlflowClient

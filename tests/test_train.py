@@ -174,7 +174,6 @@ TRAIN = dict(
     keep_last=2,
     num_workers=0,
     amp=False,
-    compile=False,
     seed=0,
 )
 
@@ -511,6 +510,16 @@ def test_max_steps_and_minutes_overrides(workdir):
     assert time.monotonic() - t < 30
     step = torch.load(workdir / "results/runs/tiny/checkpoints/last.pt", weights_only=True)["step"]
     assert 7 <= step < 1000
+
+
+def test_max_steps_override_refused_for_a_cosine_schedule(workdir, capsys):
+    """Under a cosine schedule train.max_steps shapes the lr: a command line may not change it."""
+    cosine = {"scheduler": "cosine", "max_steps": 6, "warmup_steps": 1}
+    write_params(workdir, {"tiny": tiny_run(train=cosine)})
+    assert cli("train", "--run", "tiny", "--max-steps", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --max-steps: runs.tiny decays its lr over train.max_steps")
+    assert not (workdir / "results/runs/tiny/checkpoints/last.pt").exists()
 
 
 def test_tbptt_steps_per_window_and_carried_state(workdir, monkeypatch):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sashimi.config import ROOT, load_params
+from conftest import ROOT  # tests/ is on sys.path
+from sashimi.config import load_params
 
 BIN = Path(sys.executable).parent
 COPY = ["Snakefile", "profiles", "workflow", "dvc.yaml", ".dvcignore", "params.yaml", "src"]

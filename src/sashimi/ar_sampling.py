@@ -129,7 +129,8 @@ def generate_ar(
 
 
 def setup_ar(model: torch.nn.Module, compile: bool = False) -> None:
-    """Prepare `model.step` once for a run of batches (compiled if asked and offered)."""
+    """Prepare `model.step` once for a run of batches: compiled if asked (a run asks through
+    `compiling.compile_step`) and the model offers it (SaShiMi)."""
     if compile and "compile" in inspect.signature(model.setup_step).parameters:
         model.setup_step(compile=True)
     else:

@@ -1,31 +1,16 @@
 """`sashimi bench {train,generate,sample,cauchy}`: speed benchmarks that print ONE JSON line.
 
-    sashimi bench train    --model sashimi --batch 2 --length 16000 [--steps 3] [--naive] [--compile]
-    sashimi bench generate --model sashimi --batch 16 --steps 2000 [--naive] [--no-cuda-graph]
-    sashimi bench sample   --model diffwave --backbone sashimi --batch 1 --length 16000 --fast-steps 50
-    sashimi bench cauchy   --channels 64 --length 16000 --state 64   # torch vs pykeops S4 kernel
+Models are built at the paper's sizes (SaShiMi: the SC09 model with GLU; WaveNet, SampleRNN,
+DiffWave: the paper's), with random weights and synthetic tokens. `--naive` also times the
+slow reference in the same process (training: the official materialised Cauchy kernel;
+generation: the official-style dense S4 step, or the forward recomputed over the prefix or
+WaveNet's receptive field) and reports `naive_seconds_per_step` and `speedup`.
 
-Models are built at the paper's sizes (SaShiMi: the SC09 model, 8 layers, d_model 64,
-GLU; WaveNet: 4 x 10 layers, 64 residual/dilation, skip 1024, end 512; SampleRNN: the
-3-tier [8, 2, 2] model; DiffWave: the paper's backbones), with random weights and
-synthetic tokens; `--model-kwargs '{"n_layers": 2}'` overrides sizes.
-
-`--naive` also times the slow, obviously-correct reference in the same process:
-- train, SaShiMi: the same weights with the S4 kernel backend "naive" (the official
-  materialised Cauchy kernel);
-- generate, SaShiMi: the official-style step (eager, S4 "dense" state, nothing
-  compiled) if the S4 layer offers it, else recomputing the convolutional forward over
-  the whole prefix every step; WaveNet: recomputing its causal conv over the receptive
-  field every step (vs. the activation-queue step).
-Then `naive_seconds_per_step` and `speedup` are reported too.
-
-Output keys: seconds_per_step, peak_rss_mb (the process's peak resident set so far),
-params, device, model, batch, length | steps, threads, load_average (the machine's
-1-minute load before and after), and for generation realtime_factor = seconds of 16 kHz
-audio produced per wall-clock second (all clips together); generation is timed in 8
-chunks and seconds_per_step is the median chunk's (seconds_per_step_mean: all chunks).
-Training also reports tokens_per_s = batch * length / seconds_per_step, and on CUDA
-peak_gpu_mb. `benchmark_kernel` and `benchmark_step` time one S4 kernel and one S4 step.
+Output keys: seconds_per_step, peak_rss_mb, params, device, model, batch, length | steps,
+threads, load_average (1-minute, before and after). Generation is timed in 8 chunks
+(seconds_per_step: the median chunk's; seconds_per_step_mean: all) and adds realtime_factor,
+seconds of 16 kHz audio per wall-clock second, all clips together; training adds tokens_per_s
+and, on CUDA, peak_gpu_mb. `benchmark_kernel` and `benchmark_step` time one S4 kernel / step.
 """
 
 from __future__ import annotations
@@ -44,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sashimi import compiling
 from sashimi.errors import UserError
 
 SAMPLE_RATE = 16000
@@ -159,7 +145,7 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
 
     opt = build_optimizer(model, TrainConfig())  # what `sashimi train` uses: AdamW, fused
     model.train()
-    fwd = torch.compile(model) if args.compile else model  # train.compile
+    fwd = torch.compile(model) if compiling.compile_whole(model, args.compile) else model
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -174,16 +160,17 @@ def _train_step_fn(model, args, device) -> Callable[[], float]:
 
 
 def bench_train(args) -> dict:
+    if args.naive and args.model != "sashimi":
+        raise UserError(
+            f"bench train --naive: no naive reference for {args.model!r} (only sashimi)"
+        )
     device = _device(args.device)
-    from sashimi.ssm.kernels import set_compile_mode
-
     model = _build(args.model, args.model_kwargs, device)
-    set_compile_mode(model, args.s4_compile)
+    compiling.apply_to_model(model, args.compile)  # as the trainer does with the run's setting
     res = _common(args, device, args.model)
     res.update(batch=args.batch, length=args.length, params=_n_params(model))
-    if args.model == "sashimi":
-        res["s4_compile"] = args.s4_compile
     res["compile"] = args.compile
+    res["compiled_whole"] = compiling.compile_whole(model, args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(_train_step_fn(model, args, device), args.steps, args.warmup, device)
@@ -193,13 +180,9 @@ def bench_train(args) -> dict:
     if device.type == "cuda":
         res["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if args.naive:
-        if args.model != "sashimi":
-            raise UserError(
-                f"bench train --naive: no naive reference for {args.model!r} (only sashimi)"
-            )
         naive = _build(args.model, args.model_kwargs, device, backend="naive")
         naive.load_state_dict(model.state_dict())
-        set_compile_mode(naive, args.s4_compile)
+        compiling.apply_to_model(naive, args.compile)
         del model
         ntimes = _time(_train_step_fn(naive, args, device), args.naive_steps, 0, device)
         res.update(naive_seconds_per_step=statistics.median(ntimes), naive_seconds_all=[round(t, 3) for t in ntimes],
@@ -252,14 +235,14 @@ def bench_generate(args) -> dict:
     res = _common(args, device, args.model)
     res.update(batch=args.batch, steps=args.steps, params=_n_params(model))
 
-    compile_ = args.compile and args.model == "sashimi"
+    compile_ = compiling.compile_step(args.compile, device) and args.model == "sashimi"
     if args.model == "sashimi":
         graphs = args.cuda_graph and device.type == "cuda"
         model.setup_step(compile=compile_, cuda_graph=graphs)
         res["cuda_graph"] = graphs
     else:
         model.setup_step()
-    res["compiled"] = bool(compile_)
+    res["compile"], res["compiled"] = args.compile, bool(compile_)
     # warm-up: enough steps to run every pooled stage at least twice (compiles them)
     warm = args.warmup if args.warmup is not None else (64 if compile_ else 16)
     t0 = time.perf_counter()
@@ -540,18 +523,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",
                    help="also time the naive S4 kernel backend")  # fmt: skip
     t.add_argument("--naive-steps", type=int, default=1)
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole model, as train.compile does")  # fmt: skip
-    t.add_argument("--s4-compile", choices=["auto", "always", "never"], default="always",
-                   help="the S4 layers' compile mode, as train.s4_compile (default always: the "
-                   "compiled kernel, whose compile time the warm-up step absorbs)")  # fmt: skip
+    t.add_argument("--compile", choices=compiling.MODES, default="always",
+                   help="as a run's `compile` (default always: the S4 layers' compiled paths, "
+                   "whose compile time the warm-up step absorbs)")  # fmt: skip
 
     g = sub.add_parser("generate", help="seconds per autoregressive step (sampling included)")
     common(g, "sashimi")
     g.add_argument("--steps", type=int, default=1000, help="timed steps")
     g.add_argument("--warmup", type=int, help="untimed steps first (default 64 compiled, 16 eager)")
-    g.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="SaShiMi: eager stage steps instead of torch.compile")  # fmt: skip
+    g.add_argument("--compile", choices=compiling.MODES, default="always",
+                   help="as a run's `compile` (default always: SaShiMi's compiled step)")  # fmt: skip
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="SaShiMi on CUDA: launch every kernel instead of replaying CUDA graphs")  # fmt: skip
     g.add_argument("--naive", "--compare-naive", dest="naive", action="store_true",

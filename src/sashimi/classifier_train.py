@@ -36,13 +36,11 @@ from sashimi.classifier import (
     N_CLASSES,
     SAMPLE_RATE,
     DigitClassifier,
-    LabelledWaves,
     count_parameters,
-    evaluate_accuracy,
-    labelled_split,
     load_classifier,
-    split_exists,
 )
+from sashimi.classifier_accuracy import evaluate_accuracy
+from sashimi.classifier_data import LabelledWaves, labelled_split, split_exists
 from sashimi.data.datasets import load_split
 from sashimi.errors import UserError
 from sashimi.io import atomic_write, read_audio

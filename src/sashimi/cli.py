@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("sashimi.train", "train a run from params.yaml (resumable, tracked)"),
     "sample": ("sashimi.sample", "generate audio clips from a trained run"),
     "evaluate": ("sashimi.evaluate", "test NLL and SC09 metrics (FID, IS, mIS, AM)"),
-    "classifier": ("sashimi.classifier", "train / test the SC09 digit classifier"),
+    "classifier": ("sashimi.classifier_accuracy", "test the SC09 digit classifier's accuracy"),
     "report": ("sashimi.report.main", "render tables, figures and report.html into results/"),
     "bench": ("sashimi.bench", "benchmarks (JSON out): train, generate, sample"),
     "import-checkpoint": ("sashimi.import_checkpoint", "convert a released official checkpoint"),

@@ -9,12 +9,9 @@ Layout of params.yaml (see the file itself for every number):
     datasets: {KEY: {...}}      # what to download and how to prepare it
     runs: {KEY: {...}}          # one training run each: model, data, optimisation
 
-Any mapping may hold a `demo:` and/or a `paper:` block. When a scale is selected, its
-block is deep-merged over the mapping and the other block is dropped. So a run is
-written once at paper scale, with a short `demo:` block shrinking it for the CPU demo.
-
-Errors are one line and name the key path, e.g.
-`params.yaml: runs.sashimi-sc09.train.lr: 'fast' is not of type 'number'`.
+A mapping's `demo:` / `paper:` block is deep-merged over it at that scale (the other dropped),
+so a run is written once at paper scale with a short `demo:` block for the CPU demo. Errors
+are one line naming the key path: `params.yaml: runs.R.train.lr: 'fast' is not of type 'number'`.
 """
 
 from __future__ import annotations
@@ -29,10 +26,10 @@ from typing import Any
 
 import yaml
 
+from sashimi import compiling
 from sashimi.errors import UserError
 
 SCALES = ("demo", "paper")
-ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")  # package data: works installed
 
 
@@ -81,8 +78,6 @@ class TrainConfig:
     clip_mode: str = "norm"  # norm | value
     tbptt: int | None = None  # truncated-BPTT chunk length (SampleRNN)
     amp: bool = False  # bf16 autocast on GPU (ignored on CPU); the official runs are fp32
-    compile: bool = False  # torch.compile the whole model (GPU; minutes to compile on a CPU)
-    s4_compile: str = "auto"  # S4 kernel, norm and tail: auto (CUDA, large) | always | never
     keep_last: int = 2
     seed: int = 0
     num_workers: int = 2
@@ -104,7 +99,8 @@ class SampleConfig:
     top_p: float = 1.0
     sampler: str = "ancestral"  # diffusion: ancestral | fast
     fast_steps: int = 50
-    compile: bool = False  # SaShiMi: torch.compile the step (faster steps; ~1 min to compile)
+    seed: int | None = None  # None: the run's train.seed
+    prefix_seconds: float = 1.0  # `sashimi sample --prefix`: seconds of the clip conditioned on
 
 
 @dataclass(frozen=True)
@@ -116,6 +112,7 @@ class RunConfig:
     model: dict
     train: TrainConfig
     sample: SampleConfig
+    compile: str = "auto"  # auto | always | never: the run's one compile setting (compiling.py)
     table: str | None = None  # which paper table the run belongs to
     label: str | None = None  # its row label there
     raw: dict = field(default_factory=dict)  # the resolved mapping (saved in checkpoints)
@@ -150,7 +147,7 @@ class Params:
     def flat(self, run_key: str) -> dict[str, Any]:
         """The run's resolved config flattened to `a.b.c: scalar` (for MLflow params)."""
         run = self.run(run_key)
-        out = {"scale": self.scale, "run": run.key, "dataset": run.dataset}
+        out = {"scale": self.scale, "run": run.key, "dataset": run.dataset, "compile": run.compile}
         out.update(
             _flatten(
                 {
@@ -256,6 +253,8 @@ def validate_schema(raw: dict, path: Path) -> None:
         extra = sorted(set(err.instance) - set(allowed) - _pattern_ok(err))
         keys.append(extra[0] if extra else "?")
         msg = f"unknown key (allowed: {', '.join(allowed)})"
+        if keys[-1] in compiling.RETIRED_KEYS:
+            msg = "retired key: set the run's `compile: auto | always | never` instead"
     elif err.validator == "required":
         missing = [r for r in err.validator_value if r not in err.instance]
         keys.append(missing[0] if missing else "?")
@@ -316,6 +315,7 @@ def _run(path: Path, key: str, spec: dict, datasets: dict, check_models: bool) -
         model=model,
         train=_dataclass(TrainConfig, train, f"{where}.train"),
         sample=_dataclass(SampleConfig, sample, f"{where}.sample"),
+        compile=compiling.check(spec.get("compile", "auto"), f"{where}.compile"),
         table=spec.get("table"),
         label=spec.get("label"),
         raw=raw,

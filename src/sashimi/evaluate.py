@@ -1,40 +1,16 @@
 """`sashimi evaluate`: test NLL and SC09 automatic metrics into results/runs/<run>/metrics.json.
 
     sashimi evaluate --run RUN [--metrics nll,sc09] [--checkpoint PATH] [--split test]
-                     [--classifier CKPT] [--samples DIR] [--batch-size B]
-    sashimi evaluate --real sc09 --split train|test [--classifier CKPT] [--max-clips N]
-    sashimi evaluate --wavs DIR --out FILE.json [--classifier CKPT]
-    sashimi evaluate --release FOLDER           # one folder of the authors' released clips
+    sashimi evaluate --real sc09 --split train|test   # the SC09 table's real-data rows
+    sashimi evaluate --wavs DIR --out FILE.json       # any folder of clips
+    sashimi evaluate --release FOLDER                 # one folder of the authors' released clips
 
-- always: `params` (parameter count of the evaluated checkpoint's model), and the training
-  budget behind it, `train_steps` and `train_minutes` (from train_log.csv, else the
-  checkpoint), for every run, diffusion runs included.
-- nll: cross-entropy of the split in bits per sample (nats / ln 2), averaged over every
-  non-padded target position, batched (by default about 2^19 tokens per batch, at least
-  train.batch_size items) under torch.inference_mode, summed in float64. Items are what
-  training saw: whole clips (SC09) or the dataset's non-overlapping `chunk_length` chunks
-  (music), each min-max quantised on its own. Writes nll_bits, nll_checkpoint, nll_step,
-  n_tokens, nll_batch_size (and nll_split). Not defined for diffusion runs (skipped with a
-  note).
-- sc09: `sashimi.classifier.score_samples` on the run's samples/ (autoregressive runs: the
-  paper's likelihood-based subset, from samples/loglik.csv; diffusion runs: all clips),
-  against the TRAIN split of the run's own dataset. Writes fid, is, is_textbook, mis, am,
-  n_scored, n_generated.
-- --real DATASET: the paper table's Train / Test rows (real clips scored the same way) into
-  results/runs/real-<split>/metrics.json.
-- --wavs DIR: any folder of wavs, scored against the TRAIN split of `eval.reference`. With a
-  DIR/loglik.csv (as `sashimi sample` writes) the protocol's likelihood trim is applied;
-  without one every clip is scored and the json says `trimming: not applied`, because the
-  trim needs each clip's log-likelihood.
-- --release FOLDER: `eval.released_samples`/FOLDER with the released classifier into
-  results/release/sc09/FOLDER/metrics.json. Folders marked `sorted_by_likelihood` (the
-  autoregressive ones: the official generation script numbers the clips in increasing
-  log-likelihood order) are trimmed by that rank.
-
-The classifier is params.yaml's `eval.sc09_classifier` (`ours`: the classifier-sc09 run;
-`released`: `eval.released_classifier`) unless --classifier names a file; every SC09 result
-records which one as `sc09_classifier_source` (ours | released | other).
-metrics.json is merged under a file lock (other keys are never dropped) and written atomically.
+nll: bits per sample of the split over every non-padded target (summed in float64), on the
+items training saw, in batches of `eval.nll_batch_size`. sc09: FID / IS / mIS / AM of the
+run's samples (AR runs: the paper's likelihood-based subset, from loglik.csv) against the TRAIN
+split of the run's dataset, with the classifier `eval.sc09_classifier` unless --classifier
+names one; --real scores real clips the same way (`eval.real_max_clips`). Each result records
+the parameter count and training budget; metrics.json is merged under a lock, atomically.
 """
 
 from __future__ import annotations
@@ -208,19 +184,6 @@ def training_budget(run, ckpt: dict) -> dict[str, Any]:
 
 
 # ============================================================================ SC09
-def _classifier_module():
-    try:
-        from sashimi import classifier
-    except ImportError as e:
-        raise UserError(
-            f"--metrics sc09 needs sashimi.classifier, which is not available ({e})"
-        ) from None
-    for name in ("load_classifier", "score_samples", "score_real_split"):
-        if not hasattr(classifier, name):
-            raise UserError(f"--metrics sc09: sashimi.classifier has no {name}() yet")
-    return classifier
-
-
 def default_classifier_path(P) -> Path:
     """Our classifier: the classifier-sc09 run's best checkpoint (else the first classifier run)."""
     key = DEFAULT_CLASSIFIER_RUN
@@ -237,6 +200,8 @@ def eval_settings(P) -> dict[str, Any]:
     ev.setdefault("reference", "sc09")
     ev.setdefault("released_samples", "data/raw/release/samples/sc09")
     ev.setdefault("released_models", {})
+    ev.setdefault("nll_batch_size", None)  # None: default_nll_batch
+    ev.setdefault("real_max_clips", None)  # None: every clip of the split
     return ev
 
 
@@ -273,16 +238,18 @@ def evaluate_sc09(
     device: torch.device,
     source: str = "ours",
 ) -> dict:
-    clf_mod = _classifier_module()
+    from sashimi.classifier import load_classifier
+    from sashimi.sc09_scoring import score_samples
+
     samples = samples or Path(run.run_dir) / "samples"
     wavs = sorted(samples.glob("*.wav"))
     if not wavs:
         raise UserError(f"{samples}: no .wav samples (run `sashimi sample --run {run.key}` first)")
     kind = run.kind
     loglik = read_loglik(samples, [w.name for w in wavs]) if kind == "ar" else None
-    clf = clf_mod.load_classifier(classifier_path, map_location=device)
+    clf = load_classifier(classifier_path, map_location=device)
     reference = P.dataset_of(run.key).prepared_dir  # the generative model's own train split
-    res = clf_mod.score_samples(
+    res = score_samples(
         wavs,
         clf,
         reference,
@@ -304,10 +271,12 @@ def evaluate_real(
     max_clips: int | None = None,
     source: str = "ours",
 ) -> dict:
-    clf_mod = _classifier_module()
+    from sashimi.classifier import load_classifier
+    from sashimi.sc09_scoring import score_real_split
+
     ds = P.dataset(dataset_key)
-    clf = clf_mod.load_classifier(classifier_path, map_location=device)
-    res = clf_mod.score_real_split(
+    clf = load_classifier(classifier_path, map_location=device)
+    res = score_real_split(
         ds.prepared_dir,
         split,
         clf,
@@ -379,8 +348,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="digit classifier checkpoint (default: params.yaml eval.sc09_classifier)",
     )
     p.add_argument("--samples", type=Path, help="samples folder (default results/runs/RUN/samples)")
-    p.add_argument("--batch-size", type=int, help="NLL batch size (default train.batch_size)")
-    p.add_argument("--max-clips", type=int, help="--real: score a seeded subset of this many clips")
     p.add_argument(
         "--out", type=Path, help="metrics.json path (default results/runs/<run>/metrics.json)"
     )
@@ -428,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             split,
             classifier_path=classifier_path,
             device=device,
-            max_clips=args.max_clips,
+            max_clips=eval_settings(P)["real_max_clips"],
             source=source,
         )
         return _write(args.out or Path("results/runs") / f"real-{split}" / "metrics.json", res)
@@ -470,7 +437,7 @@ def _evaluate_run(P, args, split: str, device, classifier_path: Path, source: st
                     checkpoint=args.checkpoint,
                     split=split,
                     device=device,
-                    batch_size=args.batch_size,
+                    batch_size=eval_settings(P)["nll_batch_size"],
                     progress=progress,
                     loaded=(model, ckpt),
                 )

@@ -1,31 +1,14 @@
 """`sashimi import-checkpoint`: convert a released official checkpoint to ours.
 
-Kinds (`--model`, else detected from the keys):
-- sashimi, wavenet, samplernn: state-spaces/s4, a Lightning `.ckpt` (`state_dict` and its
-  `hyper_parameters`, an omegaconf DictConfig) or the `.pt` state dict of
-  `checkpoints/convert_pl_to_pt.py`;
-- diffwave: albertfgu/diffwave-sashimi, `{"model_state_dict", "optimizer_state_dict"}`
-  (`<iter>.pkl`), WaveNet or SaShiMi backbone;
-- classifier: the released SC09 classifier `resnext.pth` (a pickled DataParallel /
-  CifarResNeXt; see `released_classifier`).
-Files are read by `safe_load.load_foreign` (weights_only with inert stand-ins for the
-hyper-parameter and module classes): nothing in a file runs. The model size comes from the
-tensor shapes; what shapes cannot tell comes from the hyper-parameters or a params.yaml run
-(`official_baselines`). The output is a checkpoint in the trainer's format (the classifier's:
-what `classifier.load_classifier` reads) that `sashimi sample` / `sashimi evaluate` read.
-
-SaShiMi key layouts understood (this file):
-- v4 (today's framework): `model.*`, `encoder.0.weight`, `decoder.0.output_transform.*`;
-  S4 parameters `layer.layer.kernel.{inv_dt, A_real, A_imag, B, P, C, l_kernel}`,
-  `layer.layer.D`, `layer.output_linear.0.*`.
-- v2 / v3 (paper era): `encoder.weight`, `decoder.output_transform.*`; S4 parameters
-  `layer.kernel.kernel.{log_dt, inv_w_real | log_w_real, w_imag, B, P, C, L}`, `layer.D`.
-  log_dt (H) becomes inv_dt (H, 1) = log(exp(dt) - 1) with dt = exp(log_dt) (softplus
-  inverse), inv_w_real / log_w_real becomes A_real (Re Lambda = -exp(.) either way), and
-  w_imag becomes A_imag with its sign flipped (v4 stores Im Lambda = -A_imag).
-Conv-style weights with a trailing kernel dim of 1 (Conv1d) and (d_out, 1) biases (v2
-TransposedLinear) are squeezed. Every key must be consumed: anything left over, or any parameter of our
-model left unset, is an error naming the keys.
+Kinds (`--model`, else detected from the keys): sashimi, wavenet, samplernn (state-spaces/s4:
+a Lightning `.ckpt` with its `hyper_parameters`, or a `.pt` state dict); diffwave
+(albertfgu/diffwave-sashimi `<iter>.pkl`, WaveNet or SaShiMi backbone); classifier (the
+released SC09 `resnext.pth`, see `released_classifier`). Files are read by
+`safe_load.load_foreign`, so nothing in a file runs. The model size comes from the tensor
+shapes, the rest from the hyper-parameters or a params.yaml run (`official_baselines`). The
+output is a checkpoint in the trainer's format (the classifier's: what
+`classifier.load_classifier` reads). Every key must be consumed: a key left over, or a
+parameter of our model left unset, is an error naming the keys.
 """
 
 from __future__ import annotations
@@ -126,7 +109,14 @@ def _unwrap(obj: Any, src: str) -> dict[str, Tensor]:
 def convert_state_dict(
     sd: Mapping[str, Tensor], src: str = "state dict"
 ) -> tuple[dict[str, Tensor], dict]:
-    """Official SaShiMi state dict -> (our state dict, SaShiMi constructor kwargs)."""
+    """Official SaShiMi state dict -> (our state dict, SaShiMi constructor kwargs).
+
+    Layouts: v4 (`model.*`, `encoder.0.weight`, `decoder.0.output_transform.*`, S4 under
+    `layer.layer.`) and v2 / v3 (`encoder.weight`, `decoder.output_transform.*`, S4
+    `layer.kernel.kernel.{log_dt, inv_w_real | log_w_real, w_imag, B, P, C, L}`, converted as
+    in `s4.convert_v3_kernel_state`). Conv-style weights with a trailing kernel dim of 1 and
+    (d_out, 1) biases (v2 TransposedLinear) are squeezed.
+    """
     sd = _unwrap(sd, src)
     out: dict[str, Tensor] = {}
     unknown: list[str] = []

@@ -1,25 +1,11 @@
 """SC09 automatic metrics (FID, IS, mIS, AM, NDB) and the paper's sample-selection protocol.
 
-Numpy arrays in, Python floats out. Conventions follow the official SaShiMi evaluation code
-(state-spaces/s4 `models/sashimi/metrics.py`), re-derived from its documented behaviour
-(`../shared/SPEC.md`, `../shared/fixtures/README.md` section 5):
-
-- `fid(feat_gen, feat_ref)`: Frechet distance between Gaussians fitted to classifier features.
-- `inception_score(probs, paper=True)`: the paper's IS. It shuffles with seed 0, keeps the first
-  half, and takes the KL **per class column** (each column normalised over samples) against a
-  constant column, i.e. against the uniform distribution over those samples. This equals the
-  textbook IS exactly when the half's class marginal is uniform and is larger otherwise.
-  `paper=False` gives the textbook exp(E_x KL(p(y|x) || p(y))).
-- `modified_inception_score(probs)`: exp(mean KL(p_i || p_j)) over 10,000 seeded pairs drawn
-  with replacement, with the official legacy-RNG draws; `modified_inception_score_exact` is
-  the mean over all ordered pairs.
-- `am_score(probs_ref, probs_gen)`: KL(mean ref || mean gen) + mean entropy of generated rows.
-- `ndb_score(feat_ref, feat_gen)`: number of statistically different bins / k (own k-means;
-  differs from the official scikit-learn value, see its docstring).
-- `select_paper_subset(loglik)`: which of the autoregressive samples are scored.
-- `sc09_scores(...)`: the four numbers of an SC09 table row against reference statistics.
-
-All logarithms are natural.
+Numpy arrays in, Python floats out, natural logarithms. Conventions follow the official SaShiMi
+evaluation code (state-spaces/s4 `models/sashimi/metrics.py`), re-derived from its documented
+behaviour (SPEC, fixtures/README.md section 5). The paper's IS (`inception_score`, paper=True)
+takes the KL per class column against the uniform distribution over half the samples: the
+textbook IS when that half's class marginal is uniform, larger otherwise. `sc09_scores` gives
+the numbers of an SC09 table row; `select_paper_subset` picks the AR samples scored.
 """
 
 from __future__ import annotations
@@ -67,10 +53,7 @@ def _normalise(p: np.ndarray, axis: int) -> np.ndarray:
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
-    """KL(p || q) along `axis` after normalising both (scipy.stats.entropy(p, q) semantics).
-
-    Terms with p = 0 contribute 0; p > 0 with q = 0 gives inf.
-    """
+    """KL(p || q) along `axis` after normalising both (scipy.stats.entropy(p, q) semantics)."""
     p = _normalise(np.asarray(p, dtype=np.float64), axis)
     q = _normalise(np.asarray(q, dtype=np.float64), axis)
     return np.sum(rel_entr(p, q), axis=axis)
@@ -84,12 +67,8 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- FID
 def fid(feat_gen: np.ndarray, feat_ref: np.ndarray) -> float:
-    """Frechet distance |mu_g - mu_r|^2 + Tr(S_g + S_r - 2 sqrtm(S_r S_g)).
-
-    feat_*: (n, d) classifier features. Covariances use ddof 1 (np.cov rowvar=False). If the
-    matrix square root is not finite, it is retried with 1e-4 I added to both covariances.
-    The real part of sqrtm is taken (the imaginary part is numerical noise).
-    """
+    """Frechet distance |mu_g - mu_r|^2 + Tr(S_g + S_r - 2 Re sqrtm(S_r S_g)) of (n, d) features,
+    covariances with ddof 1; a non-finite sqrtm is retried with 1e-4 I added to both."""
     feat_gen = _as_2d(feat_gen, "feat_gen")
     feat_ref = _as_2d(feat_ref, "feat_ref")
     if feat_gen.shape[1] != feat_ref.shape[1]:
@@ -105,10 +84,8 @@ def fid(feat_gen: np.ndarray, feat_ref: np.ndarray) -> float:
 
 
 def fid_from_stats(mu_g: np.ndarray, S_g: np.ndarray, mu_r: np.ndarray, S_r: np.ndarray) -> float:
-    """FID from means (d,) and covariances (d, d) (lets reference statistics be cached).
-
-    scipy's singular-matrix warning is silenced, as the official `sqrtm(..., disp=False)` does.
-    """
+    """FID from means (d,) and covariances (d, d), so reference statistics can be cached; silent
+    on singular matrices, as the official `sqrtm(..., disp=False)`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(S_r @ S_g)  # (d, d), possibly complex
@@ -124,17 +101,10 @@ def fid_from_stats(mu_g: np.ndarray, S_g: np.ndarray, mu_r: np.ndarray, S_r: np.
 def inception_score(probs: np.ndarray, paper: bool = True, seed: int = 0) -> float:
     """Inception score of class probabilities `probs` (n, C).
 
-    paper=True (the paper's numbers): rows are permuted with RandomState(seed).permutation(n)
-    (identical to the official np.random.seed(0); np.random.permutation), the first n//2 rows
-    are kept, and for each class column c the KL between that column normalised over the
-    kept samples and the uniform distribution over them (the official code compares it with a
-    tiled constant column: the mean of the second half, which normalises to uniform) is
-    averaged over classes and exponentiated:
-        IS_paper = exp( mean_c KL(p[:, c] / sum p[:, c] || U(n//2)) ).
-    The second half only decides which rows are dropped.
-
-    paper=False: the textbook exp( mean_x KL(p(y|x) || p(y)) ) over all rows, p(y) = mean row.
-    """
+    paper=True: the first n//2 rows of RandomState(seed).permutation(n) (the official seed(0)
+    shuffle) give IS_paper = exp(mean_c KL(p[:, c] / sum p[:, c] || U(n//2))); the official code's
+    tiled constant column normalises to that uniform. paper=False: the textbook
+    exp(mean_x KL(p(y|x) || p(y))) over all rows."""
     probs = _as_2d(probs, "probs")
     n = probs.shape[0]
     if not paper:
@@ -154,11 +124,8 @@ def inception_score(probs: np.ndarray, paper: bool = True, seed: int = 0) -> flo
 def modified_inception_score(probs: np.ndarray, n: int = 10000, seed: int = 0) -> float:
     """Modified IS: exp(mean over n random pairs (i, j), with replacement, of KL(p_i || p_j)).
 
-    Draws reproduce the official loop `np.random.seed(0); for _ in range(n):
-    np.random.choice(n_rows, size=2, replace=True)`: legacy `choice` without `p` draws
-    `randint(0, n_rows, size)`, and the legacy bounded-integer sampler consumes the stream in
-    order, so one `randint(0, n_rows, size=(n, 2))` yields the same pairs (checked against the
-    loop in tests/test_metrics.py for many n_rows).
+    One legacy `randint(0, n_rows, size=(n, 2))` draws the same pairs as the official loop of
+    `np.random.choice(n_rows, size=2)` after seed(0) (tests compare the two).
     """
     probs = _as_2d(probs, "probs")
     pairs = np.random.RandomState(seed).randint(0, probs.shape[0], size=(n, 2))  # (n, 2)
@@ -167,11 +134,8 @@ def modified_inception_score(probs: np.ndarray, n: int = 10000, seed: int = 0) -
 
 
 def modified_inception_score_exact(probs: np.ndarray) -> float:
-    """The quantity mIS estimates: exp of the mean KL(p_i || p_j) over all ordered pairs (i, j).
-
-    Uses KL(p_i || p_j) = sum_c p_ic log p_ic - sum_c p_ic log p_jc, so the (n, n) matrix is
-    one matrix product. Pairs with i = j (KL 0) are included, as sampling with replacement does.
-    """
+    """The quantity mIS estimates: exp of the mean KL(p_i || p_j) over all ordered pairs (i, j),
+    i = j included (as sampling with replacement), the (n, n) KLs as one matrix product."""
     probs = _normalise(_as_2d(probs, "probs"), axis=1)
     with np.errstate(divide="ignore"):
         log_p = np.log(probs)  # (n, C), -inf where p = 0
@@ -198,10 +162,7 @@ def am_score(probs_ref: np.ndarray, probs_gen: np.ndarray) -> float:
 def kmeans(
     x: np.ndarray, k: int, seed: int = 0, n_iter: int = 100, n_init: int = 3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded Lloyd k-means with k-means++ initialisation; best of `n_init` by inertia.
-
-    Returns (centroids (k, d), labels (n,)).
-    """
+    """Seeded Lloyd k-means, k-means++ init, best of `n_init`: (centroids (k, d), labels (n,))."""
     x = _as_2d(x, "kmeans input")
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -238,13 +199,9 @@ def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def ndb_score(
     feat_ref: np.ndarray, feat_gen: np.ndarray, k: int = 50, seed: int = 0, alpha: float = 0.05
 ) -> float:
-    """NDB/k: fraction of k-means bins (fit on the reference) whose occupancy differs.
-
-    Each bin's reference and generated proportions are compared with a two-sided pooled
-    two-proportion z-test at level `alpha`. The official code clusters with scikit-learn's
-    KMeans(random_state=0), whose result depends on the scikit-learn version; this uses the
-    seeded k-means above, so values differ from the official ones (same definition).
-    """
+    """NDB/k: fraction of k-means bins (fit on the reference) whose occupancy differs by a
+    two-sided pooled two-proportion z-test at `alpha`. Own seeded k-means, not the official
+    scikit-learn KMeans (version-dependent): same definition, different values."""
     feat_ref = _as_2d(feat_ref, "feat_ref")
     feat_gen = _as_2d(feat_gen, "feat_gen")
     centroids, labels_ref = kmeans(feat_ref, k, seed=seed)
@@ -266,10 +223,8 @@ def select_paper_subset(
 ) -> np.ndarray:
     """Indices of the autoregressive samples the paper scores (ascending index order).
 
-    Protocol: randomly halve the samples (RandomState(seed).permutation(n); the held-out half
-    is the first m = n // 2 permuted indices), sort the held-out half by log-likelihood
-    (stable, ascending), drop its bottom floor(40 m / 100) and top floor(5 m / 100) clips (exact integer
-    arithmetic, percentages `drop_low_pct` / `drop_high_pct`), keep the rest.
+    The first m = n // 2 of RandomState(seed).permutation(n), sorted by log-likelihood (stable),
+    less the bottom floor(drop_low_pct m / 100) and top floor(drop_high_pct m / 100):
     10,240 clips -> m = 5,120 -> drop 2,048 and 256 -> 2,816 scored.
     """
     loglik = np.asarray(loglik, dtype=np.float64).reshape(-1)

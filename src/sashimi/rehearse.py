@@ -3,45 +3,23 @@
     sashimi rehearse [--data ../shared/data] [--runs KEY,KEY] [--device auto|cpu|cuda]
                      [--exact | --max-tokens N] [--workdir results/rehearsal]
 
-Per paper run (scale: paper), each phase in a process of its own, so that its peak memory is
-the phase's alone:
-- train: 1 optimiser step through `sashimi.train.Trainer` (the `sashimi train` code path,
-  validation on one batch), checkpoint written;
-- resume: the run resumed from that `last.pt` for 1 more step;
-- sample: autoregressive runs: SAMPLE_STEPS recurrent steps at the run's sampling batch through
-  `sashimi.sample.sample_run`; diffusion runs: DIFFUSION_STEPS denoising steps of the fast
-  sampler at the clip length, DIFFUSION_CLIPS clips;
-- evaluate: autoregressive runs: NLL of a handful of test items (about EVAL_TOKENS samples);
-  SC09 runs: FID / IS / mIS / AM of their samples with the rehearsal's own classifier;
-  classifier: test accuracy.
-Seconds per step are the last step's (warm); the classifier's trainer has no per-step hook,
-so its figure is the resumed fit (validation included) and is not scaled. Models, sequence
-lengths and sampling batches are the paper's. Training batches are the
-paper's with --exact (the default on CUDA); on a CPU a batch is cut to at most --max-tokens
-samples per step (never below one item), and seconds per step and memory are scaled back to
-the paper batch (linear in the batch; marked). Everything is written under --workdir, never
-into results/runs. Data: real audio from --data (sc09_sample/ for the SC09 datasets, piano/
-for Beethoven and YouTubeMix), else synthetic audio at the paper lengths.
-
-Output: results/tables/rehearsal.{csv,md}, one row per run: parameters, status (ok, or the
-phase that failed with a one-line reason), seconds per step here, peak RSS per phase
-(`resource.getrusage` maxrss of the phase's process and its children), and the projected GPU
-cost: the run's step budget (train.max_steps; the classifier: epochs x steps per epoch) times a
-GPU seconds per step, whose source is named: measured by this rehearsal on CUDA; else the H100
-figure of README.md for the SaShiMi SC09 training shape; else that figure scaled by this
-machine's CPU time ratio (rough).
+Per paper run (scale: paper): train 1 step, resume it for 1 more, sample, evaluate, each phase
+in a process of its own (`rehearse_phases`). Models, sequence lengths and sampling batches are
+the paper's; training batches too with --exact (the default on CUDA), else cut to at most
+--max-tokens samples per step (never below one item), seconds per step and memory scaled back
+to the paper batch (linear; marked). Everything goes under --workdir, never results/runs. Data:
+real audio from --data (sc09_sample/, piano/), else synthetic audio at the paper lengths.
+Output: results/tables/rehearsal.{csv,md} (`rehearse_table`), one row per run, with its GPU
+cost: the step budget (train.max_steps, or max_epochs x steps per epoch) times GPU seconds per
+step measured here on CUDA, else README's H100 figure for the SaShiMi SC09 training shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import dataclasses
-import multiprocessing
 import os
 import platform
-import resource
 import signal
 import sys
 import time
@@ -49,17 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from sashimi.errors import UserError
-from sashimi.io import atomic_write
+from sashimi.rehearse_phases import SAMPLE_RATE, run_phase
+from sashimi.rehearse_table import TABLE, passed_rows, write_table
 
-SAMPLE_RATE = 16000
-SAMPLE_STEPS = 256  # recurrent sampling steps of an autoregressive run
-DIFFUSION_STEPS = 2  # denoising steps of a diffusion run (fast sampler)
-DIFFUSION_CLIPS = 2  # clips per diffusion sampling rehearsal (FID needs two)
-EVAL_TOKENS = 64000  # NLL on about this many test samples (4 SC09 clips; 1 music chunk)
 DEFAULT_MAX_TOKENS = 16000  # CPU training batch cap in samples per step: one SC09 clip
 CLASSIFIER_TOKENS = 16000  # one classifier item: a 1 s clip
 V01_TRAIN_CLIPS = 18620  # Speech Commands v0.01 digit train split (the classifier's epoch)
-TABLE = Path("results/tables/rehearsal")
 # Train items of the paper-size datasets (one epoch): SC09 v0.02 and v0.01 digit train splits;
 # Beethoven 88% of 4,328 8-s clips (one 128,000-sample chunk each); YouTubeMix 88% of 241
 # one-minute files x 7 chunks of 131,072. official_recipes.yaml derives the same 973 / 3,808 /
@@ -71,14 +44,6 @@ PAPER_TRAIN_ITEMS = {"sc09": 31158, "sc09-v1": V01_TRAIN_CLIPS, "beethoven": 380
 # SC09 model, bf16 autocast as train.amp). The only paper training shape measured on a GPU.
 H100_REFERENCE = {"run": "sashimi-sc09", "batch": 32, "length": 16000, "s_per_step": 0.205}
 H100_SOURCE = "README H100 (bench train --amp --batch 32 --length 16000)"
-
-FIELDS = (
-    "run", "kind", "model", "params", "status", "paper_batch", "rehearsed_batch", "length",
-    "train_s_per_step", "train_s_per_step_paper_batch", "train_peak_rss_mb",
-    "train_peak_rss_mb_paper_batch", "sample_shape", "sample_s_per_step", "sample_peak_rss_mb",
-    "eval_peak_rss_mb", "eval", "budget_steps", "budget_source", "gpu_s_per_step", "gpu_source",
-    "projected_gpu_hours", "wall_s",
-)  # fmt: skip
 
 
 # ============================================================================ shapes
@@ -166,55 +131,6 @@ def _num(v: Any) -> float | None:
         return None
 
 
-# ============================================================================ table
-def write_table(rows: list[dict], header: list[str], base: Path = TABLE) -> tuple[Path, Path]:
-    """results/tables/rehearsal.csv (every field) and .md (the header lines, then a table)."""
-    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(csv_path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
-        w.writeheader()
-        w.writerows({k: _cell(r.get(k)) for k in FIELDS} for r in rows)
-    cols = [
-        ("run", "run"), ("params", "params"), ("status", "status"),
-        ("batch (paper/here) x length", None), ("train s/step here", "train_s_per_step"),
-        ("train s/step, paper batch", "train_s_per_step_paper_batch"),
-        ("train peak RSS MB (paper batch)", None), ("sampling", "sample_shape"),
-        ("sample s/step", "sample_s_per_step"), ("sample peak RSS MB", "sample_peak_rss_mb"),
-        ("eval peak RSS MB", "eval_peak_rss_mb"), ("budget steps", "budget_steps"),
-        ("GPU s/step", "gpu_s_per_step"), ("GPU source", "gpu_source"),
-        ("projected GPU h", "projected_gpu_hours"),
-    ]  # fmt: skip
-    lines = [*header, "", "| " + " | ".join(c for c, _ in cols) + " |",
-             "|" + "---|" * len(cols)]  # fmt: skip
-    for r in rows:
-        cells = []
-        for title, key in cols:
-            if title.startswith("batch"):
-                cells.append(
-                    f"{r.get('paper_batch')}/{r.get('rehearsed_batch')} x {r.get('length')}"
-                )
-            elif title.startswith("train peak"):
-                here, scaled = r.get("train_peak_rss_mb"), r.get("train_peak_rss_mb_paper_batch")
-                cells.append(
-                    _cell(here) + ("" if scaled in (None, here) else f" ({_cell(scaled)})")
-                )
-            else:
-                cells.append(_cell(r.get(key)))
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    with atomic_write(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
 # ============================================================================ data
 def prepare_data(
     P, keys: list[str], workdir: Path, data_root: Path | None, shown_root: Path | None = None
@@ -244,248 +160,20 @@ def prepare_data(
     return "; ".join(what)
 
 
-# ============================================================================ one phase, one process
-def run_phase(phase: str, spec: dict, timeout_s: float) -> dict:
-    """Run `phase` of spec["run"] in a fresh process; its result, or {"error": one line}."""
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(phase, spec, send))
-    t0 = time.monotonic()
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(timeout_s):
-            proc.kill()
-            proc.join()
-            return {"error": f"{phase} timed out after {timeout_s:.0f} s"}
-        try:
-            out = recv.recv()
-        except EOFError:
-            proc.join()
-            code = proc.exitcode
-            why = "killed (out of memory?)" if code is not None and code < 0 else f"exit {code}"
-            return {"error": f"{phase} process died: {why}"}
-    except BaseException:  # interrupted: the child goes too
-        proc.kill()
-        proc.join()
-        raise
-    finally:
-        recv.close()
-    proc.join(30)
-    out["phase_s"] = round(time.monotonic() - t0, 1)
-    return out
-
-
-def _child(phase: str, spec: dict, conn) -> None:
-    os.environ["SASHIMI_TRACKING"] = "0"  # a rehearsal is not a run: nothing goes to MLflow
-    os.environ["SASHIMI_PROGRESS"] = "0"
-    if spec.get("memory_gb"):
-        limit = int(spec["memory_gb"] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        import torch
-
-        torch.set_num_threads(int(spec["threads"]))
-        os.chdir(spec["workdir"])
-        out = PHASES[phase](spec)
-        out["peak_rss_mb"] = _peak_rss_mb()
-        if torch.cuda.is_available() and spec["device"] == "cuda":
-            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    except BaseException as e:  # every failure becomes one line in the table
-        out = {"error": f"{phase} failed: {type(e).__name__}: {_first_line(e)}"}
-    conn.send(out)
-    conn.close()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else "")[:200]
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set of this process and of its largest finished child (ru_maxrss, KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, kids) / 1024, 1)
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _load(spec: dict):
-    """(params at paper scale, the run with the rehearsal's training overrides)."""
-    from sashimi.config import load_params
-
-    P = load_params(spec["params"], scale="paper")
-    run = P.run(spec["run"])
-    tc = dataclasses.replace(
-        run.train, batch_size=spec["batch"], max_steps=spec["steps"], max_minutes=None,
-        val_batches=1, log_every=1, ckpt_every=1, num_workers=0,
-    )  # fmt: skip
-    return P, dataclasses.replace(run, train=tc)
-
-
-# ============================================================================ the phases
-def _train(spec: dict) -> dict:
-    """`sashimi train` for spec["steps"] steps in total (resuming from last.pt when asked)."""
-    import torch
-
-    from sashimi.distributed import init_distributed
-    from sashimi.train import Trainer
-
-    P, run = _load(spec)
-    device = torch.device(spec["device"])
-    if run.kind == "classifier":
-        return _train_classifier(P, run, spec, device)
-
-    class TimedTrainer(Trainer):
-        """The trainer, timing each optimiser step and noting the RSS before the first."""
-
-        times: list[float] = []
-        first_step: int | None = None
-        rss_before: float | None = None
-
-        def _train_step(self, x, y):
-            if self.first_step is None:
-                self.first_step, self.rss_before = self.step, _current_rss_mb()
-            t0 = time.perf_counter()
-            out = super()._train_step(x, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - t0)
-            return out
-
-    trainer = TimedTrainer(
-        P, run, device=device, dist=init_distributed(device), resume=spec["resume"],
-        root=Path.cwd(), progress=False,
-    )  # fmt: skip
-    summary = trainer.fit()
-    if spec["resume"] and trainer.first_step != spec["steps"] - 1:
-        raise UserError(f"resumed at step {trainer.first_step}, expected {spec['steps'] - 1}")
-    return {
-        "params": trainer.n_params,
-        "step": summary["step"],
-        "step_s": trainer.times,
-        "rss_before_step_mb": trainer.rss_before,
-    }
-
-
-def _train_classifier(P, run, spec: dict, device) -> dict:
-    """`sashimi train` of the classifier run; its trainer has no per-step hook, so the time per
-    step is the whole fit (validation included) over the steps it ran: an upper bound."""
-    from sashimi.classifier_train import train_classifier_run
-
-    done = 0
-    last = Path(run.run_dir) / "checkpoints" / "last.pt"
-    if spec["resume"] and last.is_file():
-        from sashimi.checkpoints import load_checkpoint
-
-        done = int(load_checkpoint(last).get("step", 0))
-    t0 = time.perf_counter()
-    res = train_classifier_run(P, run, device=device, resume=spec["resume"])
-    elapsed = time.perf_counter() - t0
-    ran = max(1, res["step"] - done)
-    return {
-        "params": res["n_params"],
-        "step": res["step"],
-        "step_s": [elapsed / ran] * ran,
-        "rss_before_step_mb": None,  # unknown: memory is not scaled to the paper batch
-        "upper_bound": True,
-    }
-
-
-def _sample(spec: dict) -> dict:
-    import torch
-
-    from sashimi.sample import sample_run
-
-    P, run = _load(spec)
-    if run.kind == "classifier":
-        return {"shape": "n/a"}
-    device = torch.device(spec["device"])
-    common = dict(checkpoint=None, out=None, device=device, progress=False, root=Path.cwd(),
-                  temperature=run.sample.temperature, top_p=run.sample.top_p)  # fmt: skip
-    if run.kind == "ar":
-        b = run.sample.batch_size
-        res = sample_run(P, run, n=b, seconds=SAMPLE_STEPS / SAMPLE_RATE, batch_size=b, **common)
-        speed = _read_json(res["summary"])
-        return {"shape": f"{b} x {SAMPLE_STEPS} steps", "s_per_step": speed["seconds_per_step"]}
-    length = sequence_length(P, run)
-    res = sample_run(P, run, n=DIFFUSION_CLIPS, seconds=length / SAMPLE_RATE,
-                     batch_size=DIFFUSION_CLIPS, sampler="fast", fast_steps=DIFFUSION_STEPS,
-                     **common)  # fmt: skip
-    speed = _read_json(res["summary"])
-    return {
-        "shape": f"{DIFFUSION_CLIPS} x {length} x {DIFFUSION_STEPS} denoising steps",
-        "s_per_step": speed["generation_seconds"] / DIFFUSION_STEPS,
-    }
-
-
-def _evaluate(spec: dict) -> dict:
-    import torch
-
-    from sashimi import evaluate
-
-    P, run = _load(spec)
-    device = torch.device(spec["device"])
-    if run.kind == "classifier":
-        from sashimi import classifier
-
-        model = classifier.load_classifier(run.run_dir / "checkpoints", map_location=device)
-        res = classifier.confusion_report(model, P.dataset_of(run.key).prepared_dir, run.run_dir)
-        return {"eval": f"test accuracy {res['accuracy']:.3f} on {res['n']} clips"}
-    parts = []
-    if run.kind == "ar":
-        parts.append(_nll(P, run, device))
-    clf = evaluate.default_classifier_path(P)
-    if run.dataset.startswith("sc09") and clf.is_file():
-        res = evaluate.evaluate_sc09(P, run, classifier_path=clf, samples=None, device=device)
-        parts.append(f"FID {res['fid']:.3g} on {res['n_scored']} of {res['n_generated']} clips")
-    return {"eval": "; ".join(parts) or "nothing to evaluate"}
-
-
-def _nll(P, run, device) -> str:
-    import torch
-
-    from sashimi.checkpoints import load_model
-    from sashimi.data.datasets import AutoregressiveDataset, load_split
-    from sashimi.evaluate import nll_bits
-
-    model, _ = load_model(run.run_dir, map_location=device)
-    ds = P.dataset_of(run.key)
-    split = load_split(ds.prepared_dir, "test")
-    data = AutoregressiveDataset(split, ds.quantization, ds.chunk_length,
-                                 context=int(getattr(model, "context", 0)))  # fmt: skip
-    n = max(1, min(len(data), EVAL_TOKENS // sequence_length(P, run)))
-    with torch.inference_mode():
-        bits, count = nll_bits(model, torch.utils.data.Subset(data, range(n)), n, device)
-    return f"NLL {bits:.3f} bits on {n} test items"
-
-
-def _read_json(path) -> dict:
-    from sashimi.io import read_json
-
-    return read_json(path)
-
-
-PHASES = {"train": _train, "sample": _sample, "evaluate": _evaluate}
-
-
 # ============================================================================ one run
 def rehearse_run(P, key: str, base_spec: dict, max_tokens: int | None, timeout_s: float) -> dict:
     """Every phase of run `key`; a table row. Stops at the first failing phase."""
     run = P.run(key)
     paper_b = run.train.batch_size
     b = rehearsal_batch(paper_b, item_tokens(P, run), max_tokens)
+    length = sequence_length(P, run)
     budget, budget_source = step_budget(P, run)
     row: dict[str, Any] = {
         "run": key, "kind": run.kind, "model": run.model_name, "paper_batch": paper_b,
-        "rehearsed_batch": b, "length": sequence_length(P, run), "budget_steps": budget,
+        "rehearsed_batch": b, "length": length, "budget_steps": budget,
         "budget_source": budget_source,
     }  # fmt: skip
-    spec = dict(base_spec, run=key, batch=b)
+    spec = dict(base_spec, run=key, batch=b, length=length)
     t0 = time.monotonic()
     steps, bound = [], False
     plan = [
@@ -601,15 +289,6 @@ def run(args: argparse.Namespace) -> int:
         _report(rows, device, args.threads, data, max_tokens, time.monotonic() - t0, len(keys))
     print(f"wrote {TABLE}.csv and {TABLE}.md")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-def passed_rows(path: Path) -> dict[str, dict]:
-    """The rows of an earlier table whose run passed (--keep continues a rehearsal)."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = [{k: (None if v == "" else v) for k, v in r.items()} for r in csv.DictReader(f)]
-    return {r["run"]: r for r in rows if r.get("status") == "ok"}
 
 
 def _report(rows, device, threads, data, max_tokens, wall_s, n_runs) -> None:

@@ -1,10 +1,7 @@
 """The authors' released SC09 classifier (`sc09_classifier/resnext.pth`) -> our DigitClassifier.
 
-The release is a whole pickled model: `torch.save(DataParallel(CifarResNeXt(...)))` from the
-official training script (keys behind `module.`), or the bare `CifarResNeXt`. It is read
-through `safe_load.load_foreign` with inert stand-ins for its classes, so no official code is
-imported and nothing in the file runs; only its tensors are kept.
-
+The release is a whole pickled `DataParallel(CifarResNeXt(...))` (or the bare model), read
+through `safe_load.load_foreign` with inert stand-ins for its classes: only its tensors are kept.
 Key map, one to one (official -> ours):
     conv_1_3x3 / bn_1                                   -> stem.0 / stem.1
     stage_{s}.stage_{s}_bottleneck_{b}.conv_reduce      -> stages.{s-1}.{b}.reduce
@@ -12,11 +9,8 @@ Key map, one to one (official -> ours):
         conv_expand / bn_expand                         -> expand / bn_expand
         shortcut.shortcut_conv / shortcut.shortcut_bn   -> shortcut.0 / shortcut.1
     classifier                                          -> fc
-Constructor arguments come from the shapes: cardinality = D / (in channels per group of the
-grouped conv), base_width = D_1 / cardinality (D_1 the first stage's bottleneck width),
-widen_factor = C_1 / 64 (C_1 the first stage's output channels), depth = 9 b + 2 with b
-bottlenecks per stage, n_classes from the final linear. The released model is
-(cardinality 8, base_width 64, widen_factor 4, depth 29): 1024-d features.
+Constructor arguments come from the shapes (cardinality, base_width, widen_factor, depth =
+9 b + 2); the released model is (8, 64, 4, 29), with 1024-d features.
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ RESUME_IGNORED = frozenset(
         "ckpt_every",
         "keep_last",
         "num_workers",
-        "compile",
+        "compile",  # retired (train.compile, train.s4_compile): still in older checkpoints
         "s4_compile",
         "amp",
     )
 )
-RESUME_IGNORED_BLOCKS = frozenset({"sample", "table", "label", "key"})
+RESUME_IGNORED_BLOCKS = frozenset({"sample", "table", "label", "key", "compile"})
 _UNSET = "<unset>"
 
 

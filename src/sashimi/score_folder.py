@@ -106,14 +106,16 @@ def score_folder(
     The clips are classified once; with a likelihood order the protocol's subset gives the
     main numbers and `untrimmed` holds the same metrics on all clips.
     """
-    from sashimi import classifier as C
+    from sashimi.classifier import load_classifier
+    from sashimi.classifier_data import read_clips
     from sashimi.metrics import sc09_scores, select_paper_subset
+    from sashimi.sc09_scoring import classify, reference_stats
 
     wavs = wav_files(folder)
     loglik, selection, note = likelihood_selection(folder, wavs, sorted_by_likelihood)
-    clf = C.load_classifier(classifier_path, map_location=device)
-    feats, probs = C.classify(clf, C.read_clips(wavs))  # (N, d), (N, 10)
-    ref = C.reference_stats(clf, reference, "train", cache_dir=Path("results/cache"))
+    clf = load_classifier(classifier_path, map_location=device)
+    feats, probs = classify(clf, read_clips(wavs))  # (N, d), (N, 10)
+    ref = reference_stats(clf, reference, "train", cache_dir=Path("results/cache"))
 
     def scores(idx: np.ndarray) -> dict[str, float]:
         return sc09_scores(feats[idx], probs[idx], ref["mu"], ref["cov"], ref["probs"])

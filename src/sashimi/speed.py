@@ -1,9 +1,8 @@
 """`sashimi speed --kind KIND`: the speed table's measurements for one model kind.
 
-KIND is sashimi, wavenet, samplernn or diffwave. The model is built with random weights at
-the sizes of the run `speed.runs.KIND` names in params.yaml (demo sizes at demo scale) and
-timed on the machine the DAG runs on through `sashimi bench`, each beside the naive or
-official-style reference that the bench offers, in the same process:
+The model is built with random weights at the sizes of the run `speed.runs.KIND` in
+params.yaml and timed on the machine the DAG runs on through `sashimi bench`, each beside the
+naive or official-style reference that the bench offers, in the same process:
 
     sashimi    train: our S4 kernel vs the naive (official, materialised) Cauchy kernel
                generate: our modal step vs the official-style dense step
@@ -13,8 +12,7 @@ official-style reference that the bench offers, in the same process:
 
 Output: results/bench/KIND.json. `write_speed_table(results_dir)` puts every such file and
 the paper's efficiency statements (only those in reference/paper_results.yaml; the others
-say "not confirmed") into results/tables/speed.{md,csv,tex} and results/figures/speed_bench.png.
-"""
+say "not confirmed") into results/tables/speed.{md,csv,tex} and results/figures/speed_bench.png."""
 
 from __future__ import annotations
 
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sashimi import compiling
 from sashimi.errors import UserError
 
 KINDS = ("sashimi", "wavenet", "samplernn", "diffwave")
@@ -55,13 +54,16 @@ def _diffusion_train(run, batch: int, length: int, steps: int, device: torch.dev
 
     torch.manual_seed(0)
     model = build_model(run.model_name, **run.model).to(device).train()
+    compiling.apply_to_model(model, run.compile)  # as the trainer: the run's compile setting
+    whole = compiling.compile_whole(model, run.compile)
+    loss_fn = torch.compile(model.training_loss) if whole else model.training_loss
     opt = build_optimizer(model, run.train)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, length, generator=g, device=device) * 2 - 1  # (B, L) audio in [-1, 1]
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        model.training_loss(x0, generator=g).backward()
+        loss_fn(x0, generator=g).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -75,7 +77,8 @@ def _diffusion_train(run, batch: int, length: int, steps: int, device: torch.dev
     sec = statistics.median(times)
     n = sum(p.numel() for p in model.parameters())
     return {"batch": batch, "length": length, "params": n, "seconds_per_step": sec,
-            "tokens_per_s": round(batch * length / sec, 1), "device": str(device)}  # fmt: skip
+            "tokens_per_s": round(batch * length / sec, 1), "device": str(device),
+            "compile": run.compile}  # fmt: skip
 
 
 def measure(P, kind: str, device: torch.device) -> dict:
@@ -111,10 +114,9 @@ def measure(P, kind: str, device: torch.device) -> dict:
         return res
     common = ["--model", run.model_name, "--model-kwargs", kw, "--device", dev]
     train = ["train", *common, "--batch", tr.get("batch", 1), "--length", tr.get("length", 16000),
-             "--steps", tr.get("steps", 3), "--s4-compile", run.train.s4_compile]  # fmt: skip
-    gen = ["generate", *common, "--batch", ge.get("batch", 1), "--steps", ge.get("steps", 1000)]
-    if not run.sample.compile:
-        gen.append("--no-compile")
+             "--steps", tr.get("steps", 3), "--compile", run.compile]  # fmt: skip
+    gen = ["generate", *common, "--batch", ge.get("batch", 1), "--steps", ge.get("steps", 1000),
+           "--compile", run.compile]  # fmt: skip
     if kind == "sashimi":
         train += ["--naive", "--naive-steps", tr.get("naive_steps", 1)]
     if kind in ("sashimi", "wavenet"):
@@ -234,7 +236,6 @@ def _figure(benches: dict[str, dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     kinds = [k for k in KINDS if k in benches]

@@ -12,8 +12,7 @@ step (float64 state, the official-style recurrence), and per bucket of steps we 
 plus each model's spectral radius of A-bar (ours is < 1 by construction). Non-finite logits
 are zeroed before sampling so generation carries on. Output: results/runs/RUN/stability.json;
 `write_stability_table(results_dir)` turns every such file into results/tables/stability.*
-and results/figures/stability.png.
-"""
+and results/figures/stability.png."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sashimi import compiling
 from sashimi.errors import UserError
 
 TABLE = "stability"
@@ -54,17 +54,20 @@ def _finite_or_none(x: float) -> float | None:
 
 
 @torch.no_grad()
-def rollout(model, steps: int, buckets: int, batch: int = 1, seed: int = 0) -> dict:
+def rollout(
+    model, steps: int, buckets: int, batch: int = 1, seed: int = 0, compile: bool = False
+) -> dict:
     """Recurrent generation of `steps` samples; per bucket max |state|, max |logit|, non-finite fraction.
 
     Values that are not finite are stored as None (JSON null). `first_nonfinite_step` is the
-    first step whose logits hold a non-finite value (None: never).
+    first step whose logits hold a non-finite value (None: never). `compile`: the compiled
+    step (the run's setting, `compiling.compile_step`).
     """
     from sashimi.generation.cuda_graphs import tensors
     from sashimi.sample import sample_token
 
     device = next(model.parameters()).device
-    model.setup_step(s4_mode="dense", cuda_graph=False)
+    model.setup_step(compile=compile, s4_mode="dense", cuda_graph=False)
     state = model.default_state(batch, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     token = torch.full((batch,), model.n_classes // 2, dtype=torch.long, device=device)
@@ -115,7 +118,9 @@ def measure(P, run_key: str, device: torch.device) -> dict:
         rho = spectral_radius(model)
         entry = {"role": role, "run": r.key, "label": r.label or r.key, "ssm": ssm,
                  "train_step": int(ckpt.get("step", 0)), "spectral_radius": rho}  # fmt: skip
-        entry.update(rollout(model, steps, buckets, batch, seed))
+        compiled = compiling.compile_step(r.compile, device)
+        entry["compiled"] = compiled
+        entry.update(rollout(model, steps, buckets, batch, seed, compiled))
         result["models"].append(entry)
     return result
 
@@ -192,7 +197,6 @@ def _figure(results: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for res in results:

@@ -4,16 +4,10 @@ The pipeline never reads from MLflow; `train_log.csv` and `metrics.json` are the
 tracking must never cost a run: every call is failure-safe, and after a persistent failure
 the tracker warns once and turns itself off for the rest of the job.
 
-- Store: `$MLFLOW_TRACKING_URI` if set, else `sqlite:///<root>/mlflow.db` where `root` is
-  the folder holding params.yaml; artifacts under `<root>/mlruns` for a store created here.
-- Experiment: `$SASHIMI_MLFLOW_EXPERIMENT` (default "sashimi").
-- Run name = run key. The MLflow run id is remembered in `<run_dir>/mlflow_run.json`, so a
-  resumed training job, `sashimi sample` and `sashimi evaluate` add to the same MLflow run
-  (`reuse=False`, a fresh training run, starts a new one).
-- `SASHIMI_TRACKING=0` disables tracking; `=worker` / `=inprocess` pick where the MLflow
-  calls run (see `Tracker`). A job never imports mlflow itself unless in-process, because
-  the import costs more than the rest of a short job (docs/performance.md). The MLflow
-  calls and the processes that make them live in `sashimi.tracking_worker`.
+Store `$MLFLOW_TRACKING_URI`, else `sqlite:///<root>/mlflow.db` beside params.yaml; experiment
+`$SASHIMI_MLFLOW_EXPERIMENT` (default "sashimi"); run name = run key. The run id is kept in
+`<run_dir>/mlflow_run.json`, so resumed training, sampling and evaluation add to one MLflow
+run. The MLflow calls, and the processes that make them, live in `sashimi.tracking_worker`.
 """
 
 from __future__ import annotations
@@ -71,20 +65,12 @@ class Tracker:
     >>> with Tracker("sashimi-sc09", P.flat("sashimi-sc09"), run_dir=run.run_dir) as tr:
     ...     tr.log_metrics({"train/loss": 1.2}, step=10)
 
-    Where the MLflow calls run (`mode`, default from SASHIMI_TRACKING):
-    - "shared" (default): in a tracking daemon shared by every job of this store on this
-      machine (`tracking_worker._daemon`, a Unix socket in the temp folder; started by the
-      first job, gone after SASHIMI_TRACKING_IDLE_S seconds (30) without jobs). MLflow is
-      imported once per DAG instead of once per job. Falls back to "worker" if the daemon
-      is unreachable.
-    - "worker": in a worker process of this job (`tracking_worker._serve`), fed through a
-      pipe.
-    - "inprocess": in the job's own process, synchronously.
-    In the first two, `start()` and the logging methods return at once and the job never
-    imports mlflow (a thread would not do: its imports hold the GIL and stall a
-    Python-heavy job, such as step-by-step sampling, several-fold); `close()` waits until
-    everything is logged. Logging before `start()`, after `close()` or after a failure is
-    dropped; `run_id` and `active` wait for the start to complete.
+    `mode` (default from SASHIMI_TRACKING) says where the MLflow calls run: "shared" (default),
+    a daemon shared by the jobs of this store (`tracking_worker._daemon`, falling back to
+    "worker"), so MLflow is imported once per DAG (docs/performance.md); "worker", a process
+    of this job's own; "inprocess", synchronously here. Out of process, the calls return at
+    once and `close()` waits until everything is logged. Logging before `start()`, after
+    `close()` or after a failure is dropped.
     """
 
     def __init__(

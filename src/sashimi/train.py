@@ -60,6 +60,11 @@ def _with_budget(run_cfg, args: argparse.Namespace):
     if args.max_steps is not None:
         if args.max_steps < 0:
             raise UserError(f"--max-steps: {args.max_steps} is negative")
+        if run_cfg.train.scheduler == "cosine":  # there max_steps is the recipe, not a budget
+            raise UserError(
+                f"--max-steps: runs.{run_cfg.key} decays its lr over train.max_steps (cosine); "
+                "change it in params.yaml"
+            )
         overrides["max_steps"] = args.max_steps
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes

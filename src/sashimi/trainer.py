@@ -1,24 +1,14 @@
 """The generative trainer: autoregressive and diffusion runs, one process or DDP.
 
-- Autoregressive runs (`kind: ar`): cross-entropy over non-padded targets (`ar_loss`), in nats
-  and bits per sample. With `train.tbptt` (SampleRNN) each batch is cut into windows, the
-  model's state is carried (detached) across them, and every window is one optimiser step.
-- Diffusion runs (`kind: diffusion`): `model.training_loss(x0)` on fixed-length waveforms.
+- `kind: ar`: cross-entropy over non-padded targets, in nats and bits per sample; with
+  `train.tbptt` (SampleRNN) each window of a batch is one optimiser step, state carried.
+- `kind: diffusion`: `model.training_loss(x0)` on fixed-length waveforms.
 
-`fit` reads as: start (resume or fresh), then epochs of batches of windows, each window one
-optimiser step followed by its bookkeeping (budget, log, validation, checkpoints).
-
-Validation runs every `val_every` steps, or once per epoch with `val_every: epoch`, and once
-more when a budget stops the run; the plateau schedule steps on the scheduled validations.
-Budgets (`max_steps`, `max_epochs`, `max_minutes`) count over resumes.
-
-Resumable and exact: the data order is a function of (seed, epoch), and the checkpoint stores
-the position inside the epoch (and inside a batch for truncated BPTT, with the carried state),
-the optimiser, scheduler and every RNG. Whether a run resumes is decided by `resume.open_last`.
-
-DDP: under torchrun (WORLD_SIZE > 1) each rank takes an interleaved share of every global
-batch; the loss is normalised by the GLOBAL number of targets, so gradients equal those of one
-process on the whole batch. Rank 0 writes everything.
+`fit`: start (resume or fresh), then epochs of batches of windows, each window one optimiser
+step and its bookkeeping (budget, log, validation, checkpoints). Budgets count over resumes.
+Resumable and exact: the data order is a function of (seed, epoch) and checkpoints hold the
+position, optimiser, scheduler and every RNG. Under DDP each rank takes a share of every
+global batch and the loss is normalised by the global target count, as one process would be.
 """
 
 from __future__ import annotations
@@ -36,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sashimi import compiling
 from sashimi.ar_loss import LN2, ar_window, n_targets, nll_sum
 from sashimi.batching import crop, length_multiple
 from sashimi.checkpoints import checkpoint_dir
@@ -167,10 +158,8 @@ class Trainer:
         else:
             self.net = base
         self._fwd = self.net
-        from sashimi.ssm.kernels import set_compile_mode
-
-        set_compile_mode(self.model, self.tc.s4_compile)  # the S4 layers' compiled paths
-        self._compiled = bool(self.tc.compile)
+        compiling.apply_to_model(self.model, self.run.compile)  # the S4 layers' compiled paths
+        self._compiled = compiling.compile_whole(self.model, self.run.compile)
         if self._compiled:
             self._fwd = torch.compile(self.net)
         self.use_amp = bool(self.tc.amp) and self.device.type == "cuda"

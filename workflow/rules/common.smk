@@ -83,8 +83,8 @@ def raw_marker(dataset: str) -> list[str]:
 TRAIN_CODE = (
     "train.py", "trainer.py", "train_data.py", "train_log.py", "resume.py", "rng.py",
     "ar_loss.py", "batching.py", "checkpoints.py", "optim.py", "distributed.py",
-    "classifier.py", "classifier_train.py", "models", "ssm", "data/datasets.py",
-    "data/quantize.py",
+    "classifier.py", "classifier_data.py", "classifier_accuracy.py", "classifier_train.py",
+    "models", "ssm", "data/datasets.py", "data/quantize.py",
 )
 
 
@@ -119,4 +119,4 @@ def speed_config(wc) -> str:
     run = P.runs[SPEED["runs"][wc.kind]]
     return stable({"scale": P.scale, "speed": {k: v for k, v in SPEED.items() if k != "runs"},
                    "model": run.model_name, "kwargs": run.model,
-                   "s4_compile": run.train.s4_compile, "compile": run.sample.compile})
+                   "compile": run.compile})

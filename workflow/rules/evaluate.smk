@@ -9,7 +9,7 @@ rule evaluate:
         "results/runs/{run}/train.done",
         "results/runs/{run}/samples",
         lambda wc: classifier_done() if "sc09" in metrics_of(wc.run) else [],
-        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py", "data/datasets.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py", "classifier_data.py", "sc09_scoring.py", "data/datasets.py"),
     output:
         "results/runs/{run}/metrics.json",
     params:
@@ -33,11 +33,12 @@ rule evaluate_real:
     input:
         "data/prepared/sc09/manifest.json",
         classifier_done(),
-        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py", "classifier_data.py", "sc09_scoring.py"),
     output:
         "results/runs/real-{split}/metrics.json",
     params:
         classifier=EVAL.get("sc09_classifier", "ours"),
+        max_clips=EVAL.get("real_max_clips"),  # a changed subset rescores
     threads: THREADS
     resources:
         gpu=GPU,
@@ -58,7 +59,7 @@ rule evaluate_release:
         lambda wc: str(RELEASE_SAMPLES / wc.release),
         RELEASED_CLASSIFIER,
         f"data/prepared/{EVAL.get('reference', 'sc09')}/manifest.json",
-        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py"),
+        code("evaluate.py", "ar_loss.py", "batching.py", "score_folder.py", "metrics.py", "classifier.py", "classifier_data.py", "sc09_scoring.py"),
     output:
         "results/release/sc09/{release}/metrics.json",
     params:

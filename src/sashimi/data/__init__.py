@@ -1,0 +1,1 @@
+"""Datasets: download, prepare, quantise, synthesise, and the released audio."""

@@ -1,7 +1,6 @@
 """8-bit quantisation exactly as the SaShiMi code does it (256 classes, token 128 = "zero").
 
-Every encoder first min-max scales each chunk on its own over the LAST dimension, so
-`x` may be one chunk (L,) or a batch of chunks (..., L). The arithmetic follows the
+Every encoder min-max scales each chunk on its own over the LAST dimension, then follows the
 official data loader step by step, including its two small constants:
 
     scale:    s = lo + (hi - lo) * (x - min) / (max - min + 1e-6)
@@ -11,12 +10,8 @@ official data loader step by step, including its two small constants:
     quantise: q = floor(y * (256 - 0.01) + 0.005)        (int64 in [0, 255])
     decode:   v = q / 128 - 1;  mu-law then expands sign(v) * ((1 + mu)^|v| - 1) / mu
 
-Why not torchaudio.functional.mu_law_encoding / mu_law_decoding: the companding curve is
-the same, but torchaudio quantises with round(y * 255) (level 255 at +1) and dequantises
-with q / 255 * 2 - 1, whereas the paper's code uses floor(y * 255.99 + 0.005) and q / 128 - 1
-(so q = 128 decodes to exactly 0). Tokens would differ by one on about half the samples,
-so the formula is written out here; tests/test_quantize.py checks the shared companding
-curve against torchaudio.
+Not torchaudio's mu_law_encoding: same curve (tests compare them), but it quantises with
+round(y * 255) and decodes with q / 255 * 2 - 1, so about half the tokens would differ by one.
 """
 
 from __future__ import annotations

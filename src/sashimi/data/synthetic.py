@@ -11,8 +11,7 @@
   synthesis of slightly inharmonic partials (f_n = n f0 sqrt(1 + B n^2)) with a two-stage
   decay, melodies on a random scale, chords, a bass line and a random tempo.
 
-Every clip i is generated from its own RNG `np.random.default_rng([seed, stream, i])`, so
-a clip does not depend on how many others are generated (and clips can be made in parallel).
+Every clip i has its own RNG `np.random.default_rng([seed, stream, i])`: clips are independent.
 """
 
 from __future__ import annotations

@@ -5,13 +5,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from sashimi.generation.stepper import Stepper
+
+class Steps(Protocol):
+    """What GraphedSteps replays: generation.stepper.Stepper (not imported: it imports us)."""
+
+    strides: tuple[int, ...]  # pool per level; T = prod(strides) phases
+
+    def _fresh_state(self, batch: int, device: torch.device) -> dict: ...
+
+    def _step(self, token: Tensor, state: dict) -> Tensor: ...
 
 
 def tensors(obj) -> list[Tensor]:
@@ -35,21 +42,17 @@ def map_tensors(fn: Callable[[Tensor], Tensor], obj):
 
 
 class GraphedSteps:
-    """The recurrent step replayed from CUDA graphs, for one batch size.
+    """The recurrent step replayed from CUDA graphs, for one batch size (a GPU step is
+    launch-bound: docs/performance.md, "Generation").
 
-    On a GPU a step is launch-bound: dozens of small kernels, each launched from Python
-    (docs/performance.md, "Generation"). Which stages run at step t depends only on t mod T, T = prod(pool), so T graphs, one per phase,
-    capture every possible step. They share one memory pool and are always replayed in the
-    order they were captured (phase 0, 1, ..., T-1, 0, ...), so a tensor that one phase leaves
-    in the state (a DownPool input, an UpPool output) is still in place when a later phase
-    reads it. The last phase copies the state back into the tensors the period started from.
-    The state thus lives here, at fixed addresses: `reset` refills it with a fresh state and
-    returns a handle; only the newest handle can step. A capture that fails half-way warns
-    and leaves this batch size to the launched step (torch may then refuse the default CUDA
-    generator for the rest of the process)."""
+    Which stages run at step t depends only on t mod T, T = prod(pool), so T graphs, one per
+    phase, sharing one memory pool and replayed in capture order, cover every step; the last
+    copies the state back to where the period started. The state thus lives here: `reset`
+    refills it and returns a handle, and only the newest handle can step. A failed capture
+    warns and leaves this batch size to the launched step."""
 
     @torch.no_grad()  # as SaShiMi.step: the stages are compiled (and captured) without autograd
-    def __init__(self, stepper: Stepper, batch: int, device: torch.device):
+    def __init__(self, stepper: Steps, batch: int, device: torch.device):
         self.stepper, self.batch, self.device = stepper, batch, device
         T = math.prod(stepper.strides)
         self.token = torch.full((batch,), 128, dtype=torch.long, device=device)  # (B,)
@@ -82,7 +85,7 @@ class GraphedSteps:
         self.phase, self.epoch = 0, 0
 
     @classmethod
-    def capture(cls, stepper: Stepper, batch: int, device: torch.device) -> GraphedSteps | None:
+    def capture(cls, stepper: Steps, batch: int, device: torch.device) -> GraphedSteps | None:
         try:
             return cls(stepper, batch, device)
         except Exception as e:  # a stage that cannot be captured: step without graphs

@@ -40,23 +40,13 @@ class GenericChain:
 class FusedChain:
     """The same chain as ONE pure function of stacked tensors (fast path, eval semantics).
 
-    Each S4 layer steps its modal form (poles lambda-bar, weights c-hat: s_t = lambda-bar
-    s_{t-1} + u_t, y_t = Re(c-hat . s_t) + D u_t), rewritten for torch.compile:
-
-    - one mode per clearly separated conjugate pair, its weight doubled (pair_conjugate_modes);
-    - the output reads the previous state: y_t = Re((c-hat lambda-bar) . s_{t-1}) + E u_t with
-      E = D + Re sum c-hat;
-    - the update is applied one step late: a layer keeps (s_{t-2}, u_{t-1}) and step t forms
-      s_{t-1} in the same pass that reduces it for y_t, so the float64 state is read and written
-      once per step, in place (fused_chain_step);
-    - the input enters along 1 + i (the state kept is (1 + i) s, the weights divided by 1 + i):
-      s_r <- a s_r - b s_i + u, s_i <- a s_i + b s_r + u have the same form, and Inductor forms
-      both in the one loop that reduces them.
-
-    Then GELU -> output linear (-> GLU); linear weights are kept transposed and contiguous.
-    The chain's state: (s_r (B, H, M), s_i (B, H, M), u (B, H)) float64 per S4 layer. Raises
-    NotFusable unless every S4 layer's modal form is stable (the chain then stays generic).
-    Why each rewrite pays: docs/performance.md, "Generation".
+    Each S4 layer steps its modal form (s_t = lambda-bar s_{t-1} + u_t, y_t = Re(c-hat . s_t)
+    + D u_t) rewritten for torch.compile (why each pays: docs/performance.md, "Generation"):
+    one mode per conjugate pair (pair_conjugate_modes); y_t = Re((c-hat lambda-bar) . s_{t-1})
+    + E u_t, E = D + Re sum c-hat, so the update runs one step late, in place, in the pass that
+    reduces it; the input enters along 1 + i, so s_r and s_i update in the same form.
+    State per S4 layer: (s_r, s_i (B, H, M), u (B, H)) float64. Raises NotFusable unless
+    every S4 layer's modal form is stable.
     """
 
     fused = True
@@ -134,14 +124,10 @@ class NotFusable(Exception):
 def pair_conjugate_modes(lam: Tensor, c: Tensor, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(H, N) poles and weights -> (H, M): one mode per clearly separated conjugate pair.
 
-    A mode m pairs with p = the mode nearest to conj(lambda_m) when, in every channel, the
-    pairing is mutual, p != m, p is the same index, and |lambda_p - conj lambda_m| <=
-    tol * |Im lambda_m| (two near-real poles are never taken for a pair). The kept mode
-    (Im > 0) gets the pair's averaged pole and weight, doubled: Re(c s) + Re(conj(c s)) =
-    2 Re(c s). Every other mode is kept as it is. The result is accepted only if its impulse
-    response Re(sum c lambda^l) matches the full one to 1e-6 (relative, per channel) at
-    l = 0..255 and 2^8..2^20; otherwise all N modes are returned unchanged.
-    """
+    m pairs with the mode p nearest conj(lambda_m) when, in every channel, the pairing is
+    mutual, p != m and |lambda_p - conj lambda_m| <= tol |Im lambda_m|; the Im > 0 mode keeps
+    the averaged pole and the doubled weight (Re(c s) + Re(conj(c s)) = 2 Re(c s)). All N modes
+    come back unless the impulse response still matches to 1e-6 at l = 0..255 and 2^8..2^20."""
     H, N = lam.shape
     idx = torch.arange(N, device=lam.device)
     p = (lam.unsqueeze(-1) - lam.conj().unsqueeze(-2)).abs().argmin(-1)  # (H, N) partner
@@ -187,10 +173,9 @@ def linear(x: Tensor, WT: Tensor, b: Tensor, WB: Tensor | None = None) -> Tensor
 
 
 def _blocked(WT: Tensor, block: int = 16) -> Tensor:
-    """Stacked transposed weights (n, K, N) -> (n, N/block, K, block), each block of outputs'
-    weights contiguous over K: Inductor's batch-1 reduction computes 16 outputs (one AVX-512
-    vector) at a time over all K, and reads these in memory order. Kept beside the (K, N) copy
-    that the GEMMs of larger batches use. One block of all N if 16 does not divide N."""
+    """Stacked transposed weights (n, K, N) -> (n, N/block, K, block), so Inductor's batch-1
+    reduction (16 outputs, one AVX-512 vector, at a time) reads them in memory order; one block
+    of all N if 16 does not divide N."""
     if WT.dim() != 3:  # no layers of this kind (an empty placeholder)
         return WT
     n, K, N = WT.shape
@@ -199,10 +184,9 @@ def _blocked(WT: Tensor, block: int = 16) -> Tensor:
 
 
 def fused_chain_step(x: Tensor, state: tuple, params: tuple, kinds: tuple, glu: bool) -> Tensor:
-    """x (B, H) -> x. Per S4 layer, state[j] = (s_r, s_i, u) (float64) is updated in place
-    (see FusedChain): no allocation per step. Each new part reads both old parts, so a
-    compiler must read (s_r, s_i) before it writes them; the compiled stages are checked
-    against eager on their first call (stepper.compiled_matches_eager)."""
+    """x (B, H) -> x, each S4 layer's state (s_r, s_i, u) updated in place (see FusedChain).
+    Each new part reads both old ones, hence the first-call check against eager
+    (stepper.compiled_matches_eager)."""
     norm_m, norm_s, lam, G, E, WoT, bo, W1T, b1, W2T, b2, WoB, W1B, W2B = params
     j = f = 0
     for k, kind in enumerate(kinds):

@@ -4,40 +4,31 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sashimi.generation.cuda_graphs import GraphedSteps, map_tensors, tensors
 from sashimi.generation.fused import FusedChain, GenericChain, NotFusable, linear
 from sashimi.models.blocks import DownPool, ResidualBlock, UpPool
 from sashimi.ssm.s4 import S4Block
 
-if TYPE_CHECKING:
-    from sashimi.models.sashimi import SaShiMi
-
 
 class Stepper:
-    """The recurrent view of a SaShiMi: per level l (width H_l, one tick per prod(pool[:l])
-    samples) a chain of down blocks (unet only), a DownPool, an UpPool and a chain of up
-    blocks; the centre at level P = len(pool).
+    """The recurrent view of a SaShiMi: per level l (one tick per prod(pool[:l]) samples) down
+    blocks (unet only), a DownPool, an UpPool and up blocks; the centre at level P = len(pool).
 
-    Per tick of level l: run the down blocks, buffer the result in the DownPool; emit one
-    buffered UpPool output; when the DownPool's buffer is full (every pool[l] ticks) fire it,
-    tick level l+1 once and refill the UpPool's buffer from its result (emitting before
-    refilling is the one-pooled-step causal shift); then run the up blocks.
-
-    The dense per-stage work (a chain of residual blocks with its skips, plus the final norm
-    and output layer at level 0) is one function per stage; with `fused=True` the chains are
-    FusedChain (one pure function of stacked tensors, the thing torch.compile is applied to),
-    else GenericChain (each block's own `step`).
+    A tick of level l runs the down blocks and buffers the result in the DownPool, emits one
+    buffered UpPool output, and every pool[l] ticks fires the DownPool, ticks level l+1 and
+    refills the UpPool (emitting before refilling is the causal shift); then the up blocks.
+    Each stage's dense work is one function: FusedChain (`fused=True`, what torch.compile is
+    applied to) or GenericChain (each block's own `step`).
     """
 
     def __init__(
         self,
-        model: SaShiMi,
+        model: nn.Module,  # a SaShiMi (typed loosely: models.sashimi imports this module)
         compile: bool = False,
         fused: bool = True,
         s4_mode: str = "auto",
@@ -218,13 +209,10 @@ def _warn_eager(why: str) -> None:
 
 
 def compiled_matches_eager(fn: Callable, compiled: Callable, args: tuple, calls: int = 3) -> bool:
-    """Run a stage function eager and compiled on the same inputs for `calls` consecutive
-    calls and say whether they agree. The inputs are copies of `args` with the same strides
-    (no recompile): float32 tensors (inputs, skips, head) random, others (the float64 state)
-    zero, as at the start of generation. Each call updates the state in place, so from the
-    second call on the update reads non-zero values: a compiled step that wrote one state
-    part before reading it for the other (an Inductor miscompile) fails here instead of
-    producing wrong audio."""
+    """Whether a stage function agrees eager and compiled over `calls` consecutive calls, on
+    copies of `args` (same strides): float32 tensors random, the float64 state zero at first.
+    From the second call the in-place update reads non-zero state, so a compiled step that
+    writes one state part before reading it fails here instead of producing wrong audio."""
     g = torch.Generator(device=tensors(args)[0].device).manual_seed(0)
 
     def fresh(t: Tensor) -> Tensor:

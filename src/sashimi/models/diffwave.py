@@ -1,33 +1,14 @@
 """DiffWave (Kong et al. 2021), unconditional, with a WaveNet or a SaShiMi backbone.
 
-Follows albertfgu/diffwave-sashimi (the code behind the paper's SC09 diffusion
-results), reimplemented:
-
-- Diffusion: T = 200 steps, beta linear 1e-4 -> 0.02, alpha_t = 1 - beta_t,
-  abar_t = prod_{s<=t} alpha_s, sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t)
-  with sigma_0 = sqrt(beta_0). Training: t ~ U{0..T-1}, eps ~ N(0, I),
-  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss MSE(eps_theta(x_t, t), eps).
-- Step embedding: [sin(t 10^(-4k/(d/2-1))), cos(...)]_k (d = 128) -> Linear 512
-  -> SiLU -> Linear 512 -> SiLU, shared by all residual blocks; each block adds
-  its own Linear(512, H) projection e_t of it (WaveNet: to the layer input;
-  SaShiMi: to the normalised input of the S4 branch).
-- WaveNet backbone: 1x1 conv 1 -> C + ReLU; n residual layers (dilated conv k=3,
-  dilation 2^(i mod cycle), gated tanh*sigmoid, separate residual and skip 1x1
-  convs, residual (x + res)/sqrt(2)); skips summed and scaled by 1/sqrt(n); 1x1
-  conv + ReLU; zero-initialised 1x1 conv -> 1. All convs but the last are
-  weight-normalised.
-- SaShiMi backbone: a non-causal U-Net SaShiMi. Each residual block is
-  x <- x + S4(norm1(x) + e_t); x <- x + FF(norm2(x)) (bidirectional S4 with GLU
-  output, weight-normalised FF, scalar ChannelNorms); DownPool / UpPool as in
-  SaShiMi but WITHOUT the UpPool's causal shift (as in diffwave-sashimi); n_layers
-  blocks before each DownPool (unet), in the centre and after each UpPool; skip
-  connections around every layer of the up path; final ChannelNorm, 1x1 layer +
-  ReLU, zero-initialised 1x1 layer -> 1.
-
-Samplers (module level): `sample_ancestral` (the official 200-step sampler; with the
-same global seed it reproduces the official trajectory) and `sample_fast` (DDIM on a
-respaced schedule: eta = 0 (default) deterministic DDIM; eta = 1 DDPM respacing, which
-is `sample_ancestral` exactly when steps = T).
+A reimplementation of albertfgu/diffwave-sashimi, the code behind the paper's SC09 diffusion
+results. Diffusion: T = 200 steps, beta linear 1e-4 -> 0.02, abar_t = prod_{s<=t} (1 - beta_s);
+training draws t ~ U{0..T-1}, eps ~ N(0, I) and regresses eps_theta(sqrt(abar_t) x0 +
+sqrt(1 - abar_t) eps, t) on eps. A sinusoidal step embedding -> (Linear 512, SiLU) x 2 is shared
+by all residual blocks, each adding its own Linear(512, H) projection e_t (WaveNet: to the layer
+input; SaShiMi: to the normalised input of the S4 branch). Backbones: `WaveNetBackbone` and
+`SaShiMiBackbone` (a non-causal U-Net SaShiMi). Samplers: `sample_ancestral` (the official
+200-step sampler; with the same global seed it reproduces the official trajectory) and
+`sample_fast` (DDIM on a respaced schedule).
 """
 
 from __future__ import annotations
@@ -118,12 +99,8 @@ def _weight_norm(v: Tensor, g: Tensor) -> Tensor:
 
 
 class WNConv1d(nn.Module):
-    """Weight-normalised Conv1d on (B, C, L), 'same' padding (odd kernel).
-
-    The classic g * v / ||v|| (norm per output unit); v gets the usual default init and
-    g = ||v||, which is what the official init amounts to (its `kaiming_normal_` on the
-    derived weight is overwritten by the next forward).
-    """
+    """Weight-normalised Conv1d (g v / ||v||) on (B, C, L), 'same' padding (odd kernel); g = ||v||
+    at init, what the official init amounts to (its kaiming_normal_ is overwritten)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, dilation: int = 1):
         super().__init__()
@@ -163,7 +140,11 @@ class WaveNetLayer(nn.Module):
 
 
 class WaveNetBackbone(nn.Module):
-    """DiffWave's WaveNet: (B, L) noisy audio, (B,) steps -> (B, L) eps."""
+    """DiffWave's WaveNet: (B, L) noisy audio, (B,) steps -> (B, L) eps.
+
+    1x1 conv 1 -> C + ReLU; residual layers (dilation 2^(i mod cycle), residual (x + res)/sqrt(2));
+    skips summed, scaled by 1/sqrt(n); 1x1 conv + ReLU; zero-initialised 1x1 conv -> 1. All convs
+    but the last are weight-normalised."""
 
     def __init__(
         self,
@@ -225,19 +206,11 @@ class DiffusionResidualBlock(nn.Module):
 class SaShiMiBackbone(nn.Module):
     """DiffWave's SaShiMi: (B, L) noisy audio, (B,) steps -> (B, L) eps; L divisible by prod(pool).
 
-    input Linear(1, H) + ReLU; down path [n_layers blocks (unet)] + DownPool per level; centre
-    n_layers blocks; up path UpPool (no causal shift) + n_layers blocks per level; ChannelNorm,
-    Linear(H, H) + ReLU, zero-initialised Linear(H, 1). unet: every up-path layer adds the
-    mirrored down-path output; otherwise the SaShiMi skips (UpPool + down-stage input, and
-    around each up stage). Module lists are flat and ordered as in diffwave-sashimi.
-
-    The S4 layer is the HEAD layout of diffwave-sashimi's "S4 v3" layer: DPLR, n_ssm = H
-    (Lambda, P, B per channel), bidirectional = a forward and a backward kernel (C has 2
-    channels). Parameter counts: 23,470,971 (d_model 128) and 7,734,267 (d_model 64);
-    unidirectional small 7,488,507. The paper's 22,964,091 / 7,480,827 (and "7.1M"
-    unidirectional) came from the January-2022 S4 layer, which has 64 fewer parameters per
-    channel per S4 layer. Matches the official forward (fixture diffwave_small.pt) to 2e-6 in
-    float32 and 2e-8 in float64.
+    Linear(1, H) + ReLU; per level [n_layers blocks (unet)] + DownPool; n_layers centre blocks;
+    per level UpPool (no causal shift) + n_layers blocks; ChannelNorm, Linear(H, H) + ReLU,
+    zero-initialised Linear(H, 1). Skips: unet, each up layer adds the mirrored down output;
+    else SaShiMi's. Module lists are flat and ordered as in diffwave-sashimi, whose "S4 v3"
+    layer (n_ssm = H) the S4 layers follow (parameter counts: docs/recipes.md).
     """
 
     def __init__(
@@ -333,12 +306,9 @@ SASHIMI_DEFAULTS = dict(
 class DiffWave(nn.Module):
     """Unconditional DiffWave: eps_theta(x_t, t) with a "wavenet" or "sashimi" backbone.
 
-    Keywords are flat (as in params.yaml); the WaveNet ones keep diffwave-sashimi's
-    names (res_channels, skip_channels, num_res_layers, dilation_cycle), the SaShiMi
-    ones the SaShiMi names (d_model, n_layers, pool, expand, ff, bidirectional, unet,
-    glu, d_state, dropout, dt_min, dt_max, backend). Backbone keywords left as None
-    take the paper defaults (WAVENET_DEFAULTS / SASHIMI_DEFAULTS); giving a keyword of
-    the other backbone is an error.
+    Keywords are flat, as in params.yaml: WaveNet's keep diffwave-sashimi's names, SaShiMi's
+    SaShiMi's; None takes the paper default (WAVENET_DEFAULTS / SASHIMI_DEFAULTS), and a
+    keyword of the other backbone is an error.
     """
 
     kind = "diffusion"
@@ -537,14 +507,9 @@ def sample_fast(
         x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
         sigma^2 = eta^2 (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),
         x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps + sigma z.
-    S network calls instead of T.
-
-    eta = 0 (default): deterministic DDIM (only x_T is random). eta = 1: ancestral sampling on
-    the respaced chain (DDPM respacing, Nichol & Dhariwal 2021); with steps = T it IS
-    `sample_ancestral`, step for step and draw for draw. Why eta = 0: with the exact denoiser
-    for N(0, 0.04) data (tests), the full 200-step sampler returns variance 0.93 x 0.04 (abar_T
-    = 0.13, so x_T ~ N(0, I) is not the true marginal); DDIM gives 1.10 / 0.93 x the full
-    sampler's variance at 50 steps and 0.93 x at 20, the eta = 1 chain 0.84 x and 0.65 x.
+    eta = 0 (default): deterministic DDIM, which keeps the full sampler's variance better than
+    eta = 1 (docs/recipes.md); eta = 1: DDPM respacing (Nichol & Dhariwal 2021), with
+    steps = T `sample_ancestral` step for step and draw for draw.
     """
     dtype, device = _model_dtype_device(model)
     s = model.schedule(dtype, device)

@@ -1,20 +1,15 @@
 """SampleRNN baseline (Mehri et al. 2017), as in the SaShiMi paper's official baseline.
 
-Module structure and parameter names follow state-spaces/s4
-`src/models/baselines/samplernn.py` (`SampleRNN` with `reproduce=True`, `layer='gru'`), so an
-official state_dict loads after stripping its prefix (`from_official_state_dict`).
-
-Tiers are listed lowest first: frame sizes (8, 2, 2) give n_frame_samples n_i = (8, 16, 32)
-and lookback n_{K-1} = 32. For an input of lookback - 1 + L tokens (L a multiple of the
-lookback) the top tier sees frames of n_{K-1} dequantised samples; each tier i
+Module structure and parameter names follow state-spaces/s4's `SampleRNN` (`reproduce=True`,
+`layer='gru'`), so an official state_dict loads after stripping its prefix. Tiers are listed
+lowest first: frame sizes (8, 2, 2) give n_frame_samples n_i = (8, 16, 32), lookback 32. Tier i
 
     h_i = GRU(input_expand(2 * dequant(frame)) + upsampled conditioning from tier i + 1)
     c_i = ConvTranspose(h_i) + bias                # (M_i, H) -> (M_i * fs_i, H)
 
-and the sample-level MLP predicts y[t] from the embeddings of the last fs_0 tokens plus
-c_0[t]. Frame m of tier i ends at input token x[m n_i] and conditions outputs
-m n_i .. (m + 1) n_i - 1, so the model is causal. Weight norm is the legacy kind:
-W = g v / ||v|| with the norm over all dims but 0 (`weight_g`, `weight_v`).
+and the sample-level MLP predicts y[t] from the embeddings of the last fs_0 tokens plus c_0[t].
+Frame m of tier i ends at token x[m n_i] and conditions outputs m n_i .. (m + 1) n_i - 1, so
+the model is causal. Weight norm is the legacy kind (`weight_g`, `weight_v`, dim 0).
 """
 
 from __future__ import annotations
@@ -33,11 +28,8 @@ N_OUT = 256  # the official SampleLevelMLP always outputs 256 logits
 
 
 def dequantize(q: Tensor, quantization: str, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The official frame-level input dequantiser (src/dataloaders/audio.py), in `dtype`.
-
-    linear: q / 128 - 1; mu-law: x = q / 128 - 1, then sign(x) ((1 + mu)^|x| - 1) / mu, mu = 255.
-    The official code computes in float32 (`.float()`); float64 is allowed here.
-    """
+    """The official frame-level input dequantiser in `dtype` (official: float32): linear
+    q / 128 - 1; mu-law x = q / 128 - 1, then sign(x) ((1 + mu)^|x| - 1) / mu, mu = 255."""
     x = q.to(dtype) / (N_OUT / 2) - 1
     if quantization == "linear":
         return x
@@ -52,12 +44,8 @@ def _weight_norm(g: Tensor, v: Tensor) -> Tensor:
 
 class _WeightNormed(nn.Module):
     """A `weight` that is plain or legacy weight-normed (`weight_g`, `weight_v`, dim 0).
-
-    Without autograd (generation, evaluation), W = g v / ||v|| is cached and recomputed when
-    g or v change: in-place updates (optimizer steps, load_state_dict) bump their version
-    counters and .to() replaces their storage. Writes through `.data` do neither: call
-    `SampleRNN.setup_step()` after those.
-    """
+    Without autograd W is cached, refreshed when g or v change in place or move; writes
+    through `.data` need `SampleRNN.setup_step()`."""
 
     def _init_weight(self, shape: tuple[int, ...], weight_norm: bool) -> None:
         self.use_wn = weight_norm
@@ -298,11 +286,8 @@ class SampleRNN(nn.Module):
         self, x: Tensor, state: list[Tensor] | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """x: LongTensor (B, lookback - 1 + L), L a multiple of the lookback -> logits (B, L, 256).
-
-        `state` holds the per-tier GRU states (lowest tier first; None = learned h0). Carrying
-        the returned state into the next chunk (whose first lookback - 1 tokens overlap this one)
-        continues the sequence exactly, as in truncated BPTT.
-        """
+        `state`: per-tier GRU states (None = learned h0); the returned one continues the
+        sequence exactly in the next chunk (overlapping by lookback - 1 tokens), as in TBPTT."""
         B, L_in = x.shape
         L = L_in - self.context
         if L <= 0 or L % self.lookback:
@@ -345,14 +330,10 @@ class SampleRNN(nn.Module):
 
     @torch.no_grad()
     def step(self, token: Tensor, state: SampleRNNState) -> tuple[Tensor, SampleRNNState]:
-        """Consume token x[t] (B,) and return logits for y[t] (B, 256).
-
-        The window holds x[t - lookback + 1 .. t]. Tier i runs its GRU once every n_i steps
-        (when t % n_i == 0) on the last n_i tokens, conditioned on sub-position
-        (t // n_i) % fs_{i+1} of tier i + 1's current upsampled output. (The official step
-        ignores its first token and starts from a window of 128s; with x[0] = 128 as in
-        training the two agree.)
-        """
+        """Consume token x[t] (B,) and return logits for y[t] (B, 256). Tier i runs its GRU
+        when t % n_i == 0 on the last n_i tokens, conditioned on sub-position
+        (t // n_i) % fs_{i+1} of tier i + 1's current output. (The official step ignores its
+        first token and starts from a window of 128s; with x[0] = 128, as in training, they agree.)"""
         K, t = len(self.frame_level_rnns), state.t
         window = torch.cat([state.window[:, 1:], token[:, None]], 1)  # (B, lookback)
         hidden, cond = list(state.hidden), list(state.cond)
@@ -375,14 +356,8 @@ class SampleRNN(nn.Module):
 
 
 def from_official_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map an official (state-spaces/s4) SampleRNN state_dict to ours.
-
-    The module tree mirrors the official one, so the mapping is the identity after stripping
-    the `state_dict.` (fixtures) and `model.` (Lightning) prefixes:
-        [state_dict.]model.frame_level_rnns.{i}.{input_expand,rnn,upsampling}.* -> same
-        [state_dict.]model.sample_level_mlp.{embedding,input,hidden,output}.*  -> same
-    (The SampleRNN experiments use `id` encoder/decoder, so there are no encoder/decoder keys.)
-    """
+    """An official (state-spaces/s4) SampleRNN state_dict as ours: the module trees match, so
+    only the `state_dict.` and `model.` prefixes go (no encoder/decoder keys: they are `id`)."""
     out = {}
     for key, v in sd.items():
         k = key.removeprefix("state_dict.")

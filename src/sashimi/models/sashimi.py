@@ -10,11 +10,8 @@ The version the paper's experiments used (see SPEC "SaShiMi backbone"):
       level 0: UpPool -> + x0 -> n_layers x [S4, FF] + skip from right after the UpPool
     -> LayerNorm(H) -> Linear(H, 256) -> logits (B, L, 256)
 
-Every [S4] / [FF] is a prenorm residual block (models.blocks); the skip layout is
-models.unet's (`unet=True` adds blocks before each DownPool, the DiffWave layout). The
-UpPool's one-pooled-step shift makes the model causal, so it can be stepped sample by
-sample (`setup_step` / `step`, run by sashimi.generation). Tensors are (B, L, H); names
-follow the official state-spaces `Sashimi` (d_layers / c_layers / u_layers).
+Every [S4] / [FF] is a prenorm residual block (models.blocks). The UpPool's one-pooled-step
+shift makes the model causal, so it can be stepped sample by sample (sashimi.generation).
 """
 
 from __future__ import annotations
@@ -35,25 +32,15 @@ from sashimi.ssm.s4_unconstrained import with_ssm
 
 
 class SaShiMi(nn.Module):
-    """Autoregressive SaShiMi: tokens (B, L) -> logits (B, L, n_classes).
+    """Autoregressive SaShiMi: tokens (B, L) -> logits (B, L, n_classes); logits[:, t] predicts
+    y[t] from x[:t+1] (a causal model pads L to a multiple of prod(pool) and crops).
 
-    Defaults are the paper's SC09 / music model (8 layers, d_model 64, pool [4, 4],
-    expand 2, ff 2). `glu=True` gives the released SC09 checkpoint's S4 output layer
-    (Linear(H, 2H) -> GLU); `glu=False` the paper's parameter counts (plain Linear(H, H)).
-    `bidirectional` passes through to every S4Block (non-causal; the UpPools then drop
-    their shift too); `unet` adds the down-path blocks; `backend` picks the S4 kernel
-    backend ("auto" | "torch" | "naive" | "keops"); `n_ssm` the number of (Lambda, P, B)
-    copies per S4 layer; `ssm` the S4 parametrisation ("stable": ours, "unconstrained": the
-    original S4 of the stability ablation, sashimi.ssm.s4_unconstrained).
-
-    forward(tokens (B, L)) -> logits (B, L, n_classes); logits[:, t] predicts y[t] from
-    x[:t+1]. L need not be a multiple of prod(pool) for a causal model (it is right-padded
-    and cropped, which changes nothing before L); a bidirectional model raises UserError.
-
-    Generation: setup_step() once (after loading / training; `compile=True` for speed),
-    state = default_state(B), then `logits, state = step(token, state)` per sample; the
-    state is updated in place. step() runs without autograd and without dropout on the
-    fused path.
+    Defaults are the paper's SC09 / music model. `glu=True` is the released checkpoint's S4
+    output layer, `glu=False` gives the paper's parameter counts; `bidirectional` makes every
+    S4Block and UpPool non-causal; `unet` adds the down-path blocks (the DiffWave layout);
+    `ssm` "unconstrained" is the stability ablation's S4 (sashimi.ssm.s4_unconstrained).
+    Generation: setup_step(), state = default_state(B), then `logits, state = step(token,
+    state)` per sample, the state updated in place.
     """
 
     kind = "ar"
@@ -153,17 +140,11 @@ class SaShiMi(nn.Module):
         fused: bool | None = None,
         cuda_graph: bool | None = None,
     ) -> None:
-        """Prepare for `step` (idempotent; redo after the weights change): discretise every S4
-        layer, cache the weight-normed pool weights. `compile=True` wraps each stage's step in
-        torch.compile (the first steps are slow while it compiles; falls back to eager if
-        compilation fails). `s4_mode` is passed to S4Block.setup_step ("auto" | "modal" |
-        "dense"; "dense" is the official-style exact step, the slow reference). `fused` (default:
-        = compile) steps each stage as one pure function of stacked tensors in real float64
-        arithmetic, the form torch.compile fuses; otherwise every block steps through its own
-        `step` (S4Block's complex modal step: fewer eager ops, and the fused path's oracle).
-        `cuda_graph` (default: on a CUDA model) replays the steps from CUDA graphs
-        (generation.cuda_graphs): the state then lives in the model, and only the newest
-        `default_state(batch)` of each batch size can be stepped."""
+        """Prepare for `step` (redo after the weights change). `compile` wraps each stage in
+        torch.compile (eager if that fails); `s4_mode` goes to S4Block.setup_step; `fused`
+        (default: = compile) steps each stage as one pure float64 function (generation.fused),
+        else block by block; `cuda_graph` (default: on CUDA) replays steps from CUDA graphs, and
+        then only the newest `default_state(batch)` of each batch size can be stepped."""
         if not self.causal:
             raise UserError("SaShiMi.setup_step: a bidirectional model cannot be stepped")
         for m in self.modules():

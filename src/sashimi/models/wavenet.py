@@ -1,7 +1,6 @@
 """WaveNet baseline (van den Oord et al. 2016), as in the SaShiMi paper's official baseline.
 
-Structure (state-spaces/s4 `src/models/baselines/wavenet.py`, `WaveNetModel`, with the
-framework's `embedding` encoder and `sequence` decoder around it):
+Structure (state-spaces/s4 `WaveNetModel` with the framework's encoder and decoder around it):
 
     tokens -> Embedding(256, 256) -> start_conv 1x1 (256 -> R)
     for i in range(blocks * layers):             # dilation d = 2^(i mod layers)
@@ -10,13 +9,9 @@ framework's `embedding` encoder and `sequence` decoder around it):
         h = residual_conv(z) + h                 # 1x1, D -> R
     relu -> end_conv_1 (S -> E) -> relu -> end_conv_2 (E -> 256) -> Linear(256, 256)
 
-The convolution mode uses "valid" dilated convolutions and, like the official code, returns
-the last L_in - RF positions, where RF = 1 + (k - 1) * blocks * (2^layers - 1) is the
-receptive field (4093 for the paper configuration). Generation keeps, per layer, a ring
-buffer of the last (k - 1) * d inputs to that layer (the "queues" of Paine et al. 2016), so
-one step costs O(blocks * layers) small matmuls instead of a convolution over RF tokens.
-`step_naive` recomputes the zero-padded causal convolution over the last RF tokens: the
-oracle for the fast step.
+Convolution mode uses "valid" dilated convolutions and, like the official code, returns the
+last L_in - RF positions (RF = 1 + (k - 1) blocks (2^layers - 1), 4093 in the paper). `step`
+keeps per layer a ring buffer of its last (k - 1) d inputs (Paine et al. 2016's "queues").
 """
 
 from __future__ import annotations
@@ -34,11 +29,8 @@ N_TOKENS = 256  # input vocabulary; the official WaveNetModel hard-codes d_model
 
 @dataclass
 class WaveNetState:
-    """Fast-generation state: per-layer ring buffers of past layer inputs and the step count.
-
-    `queues[i]` has shape ((k - 1) * d_i, B, R); slot `tau % len` holds the input of layer i
-    at time tau. Buffers are updated in place by `WaveNet.step`.
-    """
+    """Fast-generation state, updated in place by `WaveNet.step`: the step count t and per
+    layer i a ring buffer `queues[i]` ((k - 1) d_i, B, R), slot tau % len holding input tau."""
 
     queues: list[Tensor]
     t: int
@@ -119,13 +111,9 @@ class WaveNet(nn.Module):
         return W, b
 
     def _stack(self, h: Tensor, pad: bool, n_out: int | None = None) -> Tensor:
-        """Residual stack + head. h: (B, R, L) start_conv output -> logits (B, L_out, 256).
-
-        pad=False: valid convolutions, L_out = L - RF + 1 (the official convolution mode).
-        pad=True: every layer's input is left-padded with zeros, L_out = L; this is exactly
-        what zero-initialised queues compute (the oracle for `step`).
-        n_out: keep only the last n_out positions for the skip sum and the head.
-        """
+        """Residual stack + head: h (B, R, L) -> logits (B, L_out, 256). pad=False: valid
+        convolutions, L_out = L - RF + 1; pad=True: zero left-padding, L_out = L (what zero
+        queues compute); n_out: only the last n_out positions reach the skip sum and head."""
         k, D = self.kernel_size, self.dilation_channels
         L_out = h.shape[-1] if pad else h.shape[-1] - self.receptive_field + 1
         L_out = L_out if n_out is None else min(n_out, L_out)
@@ -164,15 +152,11 @@ class WaveNet(nn.Module):
     # ------------------------------------------------------------------ fast generation
     @torch.no_grad()
     def setup_step(self) -> None:
-        """Fold weights for the queue step (idempotent; cheap; re-run after any weight change).
-
-        Embedding and start_conv fold into one (256, R) table; filter/gate taps stack into one
-        (k R, 2D) matrix per layer; all skip convs stack into one (n_layers D, S) matrix applied
-        once per step; end_conv_2 and the decoder fold into one (E, 256) matrix. The gate
-        uses sigmoid(g) = (1 + tanh(g / 2)) / 2, so one tanh serves filter and gate:
-        the gate columns are halved here and z' = tanh(f) (1 + tanh(g / 2)) = 2 z, with the
-        factor 1/2 folded into the residual and skip matrices.
-        """
+        """Fold weights for the queue step (re-run after any weight change): embedding and
+        start_conv into one (256, R) table, taps into one (k R, 2D) matrix per layer, skip convs
+        into one (n_layers D, S) matrix, end_conv_2 and decoder into one (E, 256). With
+        sigmoid(g) = (1 + tanh(g / 2)) / 2 one tanh serves filter and gate (z' = 2z, the 1/2
+        folded into the residual and skip matrices)."""
         R, D = self.residual_channels, self.dilation_channels
         W_in = self.embedding.weight @ self.start_conv.weight[:, :, 0].T  # (256, R)
         if self.bias:
@@ -201,12 +185,9 @@ class WaveNet(nn.Module):
     def default_state(
         self, batch: int, device: torch.device | str | None = None, prime_token: int | None = None
     ) -> WaveNetState:
-        """Zero queues (the official generation state), on the model's dtype and `device`.
-
-        With `prime_token` (e.g. 128), the queues are filled as if `context` copies of that
-        token had been consumed, so stepping from it reproduces `forward` on inputs left-padded
-        with that token. Also (re)runs `setup_step`, so fresh weights are always used.
-        """
+        """Zero queues (the official generation state), after `setup_step`. With `prime_token`,
+        as if `context` copies of it had been consumed: stepping then reproduces `forward` on
+        inputs left-padded with that token."""
         self.setup_step()
         p = self.start_conv.weight
         device = p.device if device is None else torch.device(device)
@@ -250,11 +231,8 @@ class WaveNet(nn.Module):
 
     @torch.no_grad()
     def step(self, token: Tensor, state: WaveNetState) -> tuple[Tensor, WaveNetState]:
-        """Consume token (B,) and return logits (B, 256); updates `state` in place.
-
-        Layer i reads x_i[t - j d] for j = k-1 .. 1 from its ring buffer (slot tau % Q holds
-        x_i[tau], Q = (k - 1) d), then overwrites the oldest slot, (t - Q) % Q = t % Q, with x_i[t].
-        """
+        """Consume token (B,) and return logits (B, 256); layer i reads x_i[t - j d], j = k-1..1,
+        from its ring buffer (Q = (k - 1) d), then writes x_i[t] over the oldest slot t % Q."""
         if self._fused is None:
             self.setup_step()
         P, k, D, t = self._fused, self.kernel_size, self.dilation_channels, state.t
@@ -294,10 +272,7 @@ class WaveNet(nn.Module):
     def step_naive(
         self, token: Tensor, state: WaveNetNaiveState
     ) -> tuple[Tensor, WaveNetNaiveState]:
-        """Oracle step: recompute the zero-padded causal conv over the last RF tokens.
-
-        O(RF * layers) per step; equals `step` from `default_state` exactly (in exact arithmetic).
-        """
+        """Oracle step: the zero-padded causal conv over the last RF tokens (equals `step`)."""
         tokens = torch.cat([state.tokens, token[:, None]], 1)[
             :, -self.receptive_field :
         ]  # (B, <= RF)
@@ -310,16 +285,9 @@ class WaveNet(nn.Module):
 
 
 def from_official_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map an official (state-spaces/s4) WaveNet state_dict to ours.
-
-    Accepts a Lightning `state_dict` (optionally behind a `state_dict.` prefix, as in the
-    fixtures) with v4 keys (`encoder.0.weight`, `decoder.0.output_transform.*`) or v2 keys
-    (`encoder.weight`, `decoder.output_transform.*`):
-        model.<name>                          -> <name>   (start_conv, filter_convs.i, ...)
-        encoder[.0].weight                    -> embedding.weight
-        decoder[.0].output_transform.{weight,bias} -> decoder.{weight,bias}
-    Keys outside these (e.g. `meta_*`) are ignored.
-    """
+    """An official (state-spaces/s4, v2 or v4 keys) WaveNet Lightning state_dict, optionally
+    behind `state_dict.`, as ours: model.<name> -> <name>, encoder[.0].weight ->
+    embedding.weight, decoder[.0].output_transform.* -> decoder.*; other keys are ignored."""
     out = {}
     for key, v in sd.items():
         k = key.removeprefix("state_dict.")

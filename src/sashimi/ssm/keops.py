@@ -1,17 +1,10 @@
 """The S4 Cauchy sums as pykeops reductions (the optional ``keops`` kernel backend).
 
-KeOps compiles each formula to C++ (with the system g++ on a CPU, nvcc/nvrtc on a GPU) once,
-caches it under ~/.cache/keops*, and then evaluates the reduction over the modes without
-materialising the (..., N, K) Cauchy tensor; autograd comes from KeOps' symbolic gradients.
-Two forms:
-
-* :func:`cauchy`: the naive oracle's sum, r_k = sum_n v_n/(z_k - w_n) + conj(v_n)/(z_k - conj(w_n)),
-  for any complex nodes z (same arguments and result as ``kernels.cauchy_naive``);
-* :func:`cauchy_dplr`: the c-scaled real-arithmetic sums the ``torch`` backend evaluates,
-  rho_k = sum_n v_n/(2i s_k - w_n c_k) + conj(v_n)/(2i s_k - conj(w_n) c_k), which stay finite
-  at the Nyquist node; ``dplr_kernel(..., backend="keops")`` calls it.
-
-:func:`bench_cauchy` times the S4 kernel with this backend beside the pure-torch one.
+KeOps compiles each formula to C++ once (g++ on a CPU, nvcc/nvrtc on a GPU; cached under
+~/.cache/keops*) and reduces over the modes without materialising the (..., N, K) Cauchy
+tensor; autograd comes from its symbolic gradients. :func:`cauchy` is ``kernels.cauchy_naive``'s
+sum for any nodes; :func:`cauchy_dplr` the ``torch`` backend's c-scaled real sums, which
+``dplr_kernel(..., backend="keops")`` calls. `sashimi bench cauchy` times both backends.
 """
 
 from __future__ import annotations
@@ -48,10 +41,8 @@ def _lazy(x: Tensor, shape: tuple[int, ...]):
 
 
 def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
-    """r[..., k] = sum_n v_n/(z_k - w_n) + conj(v_n)/(z_k - conj(w_n)) through one KeOps reduction.
-
-    v, w: (..., N/2) complex, broadcast together; z: (K,) complex. Returns (..., K) complex.
-    """
+    """r[..., k] = sum_n v_n/(z_k - w_n) + conj(v_n)/(z_k - conj(w_n)) as one KeOps reduction;
+    v, w: (..., N/2) complex, broadcast together; z: (K,) -> (..., K) complex."""
     batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
     N2, K = v.shape[-1], z.shape[0]
     v, w = v.expand(*batch, N2).reshape(-1, N2), w.expand(*batch, N2).reshape(-1, N2)  # (B, N2)
@@ -72,12 +63,8 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
 def cauchy_dplr(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Re, Im of rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k).
-
-    vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,) from ``kernels.frequency_nodes``.
-    Returns (M, H, K) each. One reduction per channel h (a KeOps batch dimension); the M
-    numerators form one vector variable so they share the denominators.
-    """
+    """Re, Im (M, H, K) of rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k)
+    from vr, vi (M, H, N2), wr, wi (H, N2), c, s (K,); the M numerators share the denominators."""
     M, H, N2 = vr.shape
     K = c.shape[0]
     vr_j = _lazy(vr.permute(1, 2, 0), (H, 1, N2, M))  # (H, 1, N2, M)

@@ -1,17 +1,11 @@
-"""Cauchy backends for the S4 (DPLR) convolution kernel.
+"""Cauchy backends for the S4 (DPLR) convolution kernel (SPEC "S4 layer").
 
-K[l] = C~ A-bar^l B-bar (l < L) is evaluated through its generating function at the L-th roots of
-unity: a Cauchy sum over the N/2 modes and their conjugates, the rank-1 term removed with
-Woodbury, then an inverse real FFT of length L (SPEC "S4 layer"). Backends:
-
-* ``naive`` (:func:`cauchy_naive`): the official algorithm, literally; it materialises the
-  (..., N, L/2+1) Cauchy tensor. Slow and memory hungry, obviously correct: the TEST ORACLE.
-* ``torch`` (:func:`cauchy_dplr`): the same sums in real arithmetic at the exact nodes
-  z_k = 2i tan(pi k / L), scaled by cos(pi k / L) so the Nyquist node stays finite; nothing of
-  size (H, N, K) is materialised. Compiled (torch.compile fuses the sums and a written-out
-  backward) or eager in chunks, as the caller's compile mode says (:func:`compile_enabled`).
-* ``keops``: the real-arithmetic sums as a pykeops reduction (the ``keops`` extra; see
-  :mod:`sashimi.ssm.keops`).
+K[l] = C~ A-bar^l B-bar (l < L) comes from its generating function at the L-th roots of unity:
+a Cauchy sum over the N/2 modes and their conjugates, the rank-1 term removed with Woodbury,
+then an inverse real FFT. Backends: ``naive`` (:func:`cauchy_naive`), the official algorithm
+and the test oracle; ``torch`` (:func:`cauchy_dplr`), the same sums in real arithmetic at the
+exact nodes z_k = 2i tan(pi k / L), scaled by cos(pi k / L) so the Nyquist node stays finite,
+compiled or eager in chunks (:func:`compile_enabled`); ``keops`` (:mod:`sashimi.ssm.keops`).
 """
 
 from __future__ import annotations
@@ -65,11 +59,8 @@ def has_pykeops() -> bool:
 
 
 def cauchy_naive(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
-    """Cauchy sum over both poles of each conjugate pair, materialising the full tensor.
-
-    v, w: (..., N/2) complex; z: (K,) complex. Returns (..., K):
-    r[..., k] = sum_n v_n / (z_k - w_n) + conj(v_n) / (z_k - conj(w_n)).
-    """
+    """r[..., k] = sum_n v_n / (z_k - w_n) + conj(v_n) / (z_k - conj(w_n)), materialising the
+    (..., N, K) terms. v, w: (..., N/2) complex; z: (K,) complex -> (..., K)."""
     v = torch.cat([v, v.conj()], dim=-1)  # (..., N)
     w = torch.cat([w, w.conj()], dim=-1)  # (..., N)
     return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(dim=-2)  # (..., N, K) -> (..., K)
@@ -78,11 +69,10 @@ def cauchy_naive(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
 def official_nodes(
     L: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Official FFT nodes: omega_k = exp(-2 pi i / L)^k and z_k = 2 (1 - omega_k) / (1 + omega_k), k <= L//2.
+    """Official FFT nodes omega_k = exp(-2 pi i / L)^k, z_k = 2 (1 - omega_k) / (1 + omega_k), k <= L//2.
 
-    The base is rounded to ``dtype`` before powering, exactly as the official code does
-    (which is where the complex64 kernel loses accuracy near the Nyquist frequency).
-    """
+    The base is rounded to ``dtype`` before powering, as the official code does (hence its
+    complex64 error near Nyquist)."""
     cdtype = torch.complex128 if dtype in (torch.float64, torch.complex128) else torch.complex64
     base = torch.tensor(
         complex(math.cos(2 * math.pi / L), -math.sin(2 * math.pi / L)), dtype=cdtype, device=device
@@ -110,10 +100,8 @@ def _kernel_naive(dtA: Tensor, Bs: Tensor, Cs: Tensor, L: int) -> Tensor:
 def frequency_nodes(
     L: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(cos, sin)(pi k / L) for k = 0..L//2, computed in float64 and then cast to ``dtype`` (cached).
-
-    z_k = 2i tan(pi k / L) = 2i s_k / c_k and 2 / (1 + omega_k) = (c_k + i s_k) / c_k.
-    """
+    """(c_k, s_k) = (cos, sin)(pi k / L), k = 0..L//2, in float64 cast to ``dtype`` (cached):
+    z_k = 2i s_k / c_k and 2 / (1 + omega_k) = (c_k + i s_k) / c_k."""
     theta = torch.arange(L // 2 + 1, dtype=torch.float64, device=device) * (math.pi / L)  # (K,)
     c, s = torch.cos(theta), torch.sin(theta)
     if L % 2 == 0:  # exact Nyquist node: z = infinity, handled exactly by the c-scaling
@@ -124,12 +112,8 @@ def frequency_nodes(
 def _cauchy_coefficients(
     wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Real coefficients of the conjugate-pair Cauchy terms (all arguments broadcast together).
-
-    For v = vr + i vi:  v/(2is - wc) + conj(v)/(2is - conj(w)c) = (vr a + vi b) + i (vi g - vr d).
-    With w = (wr, wi) per (channel, mode) and (c, s) per frequency, a, b, g, d have the broadcast
-    shape, e.g. (H, K, N2) or (N2, H, K).
-    """
+    """Real coefficients (a, b, g, d), in the arguments' broadcast shape, of one conjugate pair:
+    v/(2is - wc) + conj(v)/(2is - conj(w)c) = (vr a + vi b) + i (vi g - vr d)."""
     x = -wr * c  # real part of both denominators: > 0 since Re w < 0 (0 only at Nyquist, c = 0)
     y1 = 2 * s - wi * c  # imaginary part of 2is - w c
     y2 = 2 * s + wi * c  # imaginary part of 2is - conj(w) c
@@ -142,13 +126,9 @@ def _cauchy_coefficients(
 def _cauchy_fused(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Broadcast multiply-sum form, meant for torch.compile (Inductor fuses it into one reduction).
-
-    vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,). Returns Re, Im of rho: (M, H, K) each.
-    The modes are the OUTER dim of the (N2, H, K) domain so the fused loop vectorises along K
-    and accumulates over N2 in registers (on a CPU that also needs the inputs stored mode-major,
-    see :func:`_mode_major`).
-    """
+    """Re, Im of rho (M, H, K) from vr, vi (M, H, N2), wr, wi (H, N2), c, s (K,), as one
+    reduction for torch.compile. The modes are the outer dim of the (N2, H, K) domain so the
+    loop vectorises along K and accumulates over N2 in registers (:func:`_mode_major`)."""
     a, b, g, d = _cauchy_coefficients(wr.T[:, :, None], wi.T[:, :, None], c, s)  # (N2, H, K)
     vr, vi = vr.transpose(1, 2)[..., None], vi.transpose(1, 2)[..., None]  # (M, N2, H, 1)
     # Unrolled over the few numerators so all 2M reductions share one loop nest.
@@ -160,19 +140,15 @@ def _cauchy_fused(
 def _cauchy_fused_backward(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`_cauchy_fused`, written out (one fused reduction over K under torch.compile).
-
-    With phi1 = 1/(2is - w c), phi2 = 1/(2is - conj(w) c) (so rho = sum_n v phi1 + conj(v) phi2,
-    d phi1/dw = c phi1^2, d phi2/d conj(w) = c phi2^2) and G = gr + i gi = dL/d Re rho + i dL/d Im rho:
+    """Gradients of :func:`_cauchy_fused` as one reduction over K. With phi1 = 1/(2is - w c),
+    phi2 = 1/(2is - conj(w) c) and G = gr + i gi = dL/d Re rho + i dL/d Im rho:
 
         dL/dvr = sum_k Re(conj(G) (phi1 + phi2)) = sum_k gr a - gi d
         dL/dvi = -sum_k Im(conj(G) (phi1 - phi2)) = sum_k gr b + gi g
         A = sum_k c phi1^2 sum_m conj(G_m) v_m,   B = sum_k c phi2^2 conj(sum_m G_m v_m)
         dL/dwr = Re(A + B),   dL/dwi = Im(B - A)
 
-    vr, vi: (M, H, N2); wr, wi: (H, N2); c, s: (K,); gr, gi: (M, H, K). Returns dvr, dvi
-    (M, H, N2) and dwr, dwi (H, N2). About half the work of autograd through the forward.
-    """
+    gr, gi: (M, H, K) -> dvr, dvi (M, H, N2), dwr, dwi (H, N2)."""
     x = -wr[:, :, None] * c  # (H, N2, K), as in _cauchy_coefficients
     y1 = 2 * s - wi[:, :, None] * c
     y2 = 2 * s + wi[:, :, None] * c
@@ -199,10 +175,7 @@ def _cauchy_fused_backward(
 
 
 class _CauchyCompiled(torch.autograd.Function):
-    """The fused Cauchy sums with the written-out backward, both compiled (see _generating_function_compiled).
-
-    If compiling the backward fails it is evaluated eagerly in chunks over K (the sums are additive).
-    """
+    """The fused Cauchy sums and their written-out backward, compiled; eager chunks if that fails."""
 
     @staticmethod
     def forward(ctx, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor):
@@ -227,12 +200,8 @@ class _CauchyCompiled(torch.autograd.Function):
 def _cauchy_backward_compiled(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The compiled :func:`_cauchy_fused_backward`; on a CPU in blocks of at most _CPU_SUM_BLOCK
-    frequencies. Shapes as there.
-
-    Inductor's C++ code sums a float reduction longer than 4096 through a slower "cascade"
-    helper; blocks of <= 4096 keep plain register accumulators (docs/performance.md).
-    """
+    """The compiled :func:`_cauchy_fused_backward`; on a CPU in blocks of <= _CPU_SUM_BLOCK
+    frequencies, which keep Inductor's plain register accumulators (docs/performance.md)."""
 
     def call(*args: Tensor) -> tuple[Tensor, ...]:
         for x, dim in zip(args, (1, 1, 0, 0, 0, 0, 1, 1), strict=True):
@@ -248,11 +217,7 @@ def _cauchy_backward_compiled(
 def _cauchy_backward_chunked(
     vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor, gr: Tensor, gi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_cauchy_fused_backward` evaluated eagerly, in chunks over K.
-
-    Its (H, N2, K_chunk) temporaries stay at _EAGER_BACKWARD_CHUNK_ELEMENTS each (1 MB in float32),
-    small enough to stay in cache. Shapes as there.
-    """
+    """:func:`_cauchy_fused_backward` eagerly, in chunks over K whose temporaries stay in cache."""
     H, N2 = wr.shape
     step = max(1, _EAGER_BACKWARD_CHUNK_ELEMENTS // max(1, H * N2))
     return _sum_over_frequency_blocks(_cauchy_fused_backward, step, vr, vi, wr, wi, c, s, gr, gi)
@@ -271,9 +236,8 @@ def _sum_over_frequency_blocks(
     gi: Tensor,
     copy: bool = False,
 ) -> tuple[Tensor, ...]:
-    """sum over blocks of `step` frequencies of fn(vr, vi, wr, wi, c, s, gr, gi) restricted to the
-    block (the Cauchy gradients are sums over K). With `copy`, a block that is a proper slice is
-    passed as fresh contiguous tensors; a single block is passed as it is."""
+    """Sum of fn(vr, vi, wr, wi, c, s, gr, gi) over blocks of `step` frequencies (the gradients
+    are sums over K); `copy` passes proper slices as fresh contiguous tensors."""
     K = c.shape[0]
     out = None
     for k0 in range(0, K, step):
@@ -287,11 +251,8 @@ def _sum_over_frequency_blocks(
 
 
 def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """k^ = (c + i s) [rho_00 - c rho_01 rho_10 / (1 + c rho_11)] in real arithmetic.
-
-    re, im: (M, H, K) with M = 2 (ch + 1), rows ordered (B C~_0 .. B C~_{ch-1}, B Q, P C~_0 .., P Q);
-    c, s: (K,). Returns Re, Im of k^: (ch, H, K) each.
-    """
+    """k^ = (c + i s) [rho_00 - c rho_01 rho_10 / (1 + c rho_11)] in real arithmetic. re, im:
+    (M, H, K), M = 2 (ch + 1), rows (B C~_0 .., B Q, P C~_0 .., P Q) -> Re, Im (ch, H, K)."""
     ch = re.shape[0] // 2 - 1
     r00r, r00i = re[:ch], im[:ch]  # (ch, H, K)
     r01r, r01i = re[ch], im[ch]  # (H, K)
@@ -306,11 +267,9 @@ def _woodbury_real(re: Tensor, im: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor
 
 
 class _CauchyEager(torch.autograd.Function):
-    """The Cauchy sums without a compiler: forward chunked over K through batched matmuls, backward
-    the written-out gradient (:func:`_cauchy_backward_chunked`), also chunked. Nothing of size
-    (H, N2, K) is kept for the backward; only the inputs are, which keeps the peak memory near
-    the compiled path's (autograd through the chunks did not, docs/performance.md).
-    """
+    """The Cauchy sums without a compiler: forward in chunks over K through batched matmuls,
+    backward written out (:func:`_cauchy_backward_chunked`). Only the inputs are saved, which
+    keeps peak memory near the compiled path's (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, vr: Tensor, vi: Tensor, wr: Tensor, wi: Tensor, c: Tensor, s: Tensor):
@@ -364,8 +323,7 @@ def check_compile_mode(mode: str) -> str:
 
 
 def set_compile_mode(model: nn.Module, mode: str) -> None:
-    """Give every layer of `model` that offers a compiled path (S4Kernel, S4Block, ChannelNorm:
-    a `compile_mode` attribute) this mode: "auto" | "always" | "never" (train.s4_compile)."""
+    """Set `compile_mode` (the run's `compile`, sashimi.compiling) on every layer that has one."""
     check_compile_mode(mode)
     for m in model.modules():
         if hasattr(m, "compile_mode"):
@@ -382,12 +340,9 @@ def disable_compile(reason: str) -> None:
 def compile_enabled(
     mode: str, elements: int | None = None, device: torch.device | str | None = None
 ) -> bool:
-    """Whether the compiled path runs for a problem of ``elements`` = H * K * N/2 Cauchy terms.
-
-    mode "never": no; "always": yes; "auto": on CUDA from _COMPILE_MIN_ELEMENTS terms up (on a
-    CPU the compile time outweighs short jobs). Never after a failed compilation, nor inside a
-    whole-model torch.compile (which compiles the eager code itself).
-    """
+    """Whether the compiled path runs for ``elements`` = H * K * N/2 Cauchy terms: "always",
+    or "auto" on CUDA from _COMPILE_MIN_ELEMENTS up (on a CPU compile time outweighs short jobs);
+    never after a failed compilation or inside a whole-model torch.compile."""
     if torch.compiler.is_compiling() or _compile_broken or not hasattr(torch, "compile"):
         return False
     if check_compile_mode(mode) != "auto":
@@ -401,14 +356,10 @@ _pointwise: dict[Callable, Callable] = {}  # eager function -> its compiled-with
 
 
 def maybe_compiled(fn: Callable, x: Tensor, mode: str) -> Callable:
-    """``fn`` itself, or its torch.compile'd form when :func:`compile_enabled` (with x's element
-    count in place of the Cauchy terms).
+    """``fn``, or its cached torch.compile'd form when :func:`compile_enabled` for x.numel().
 
-    For the pointwise glue around the matrix products and FFTs (the channel norm, GELU -> linear
-    -> GLU -> residual): compiled, Inductor fuses each chain into one pass over memory, forward
-    and backward. The compiled form is cached per function, with dynamic shapes. If compiling
-    fails it warns once, turns compiling off (:func:`disable_compile`) and runs ``fn`` eagerly.
-    """
+    For the pointwise glue around matrix products and FFTs (channel norm, GELU -> linear -> GLU
+    -> residual), which Inductor fuses into one pass; a failed compile falls back to eager."""
     if not compile_enabled(mode, x.numel(), x.device):
         return fn
     call = _pointwise.get(fn)
@@ -438,12 +389,8 @@ _INDUCTOR_OPTIONS = {
 
 
 def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Fused Cauchy sums, then the Woodbury epilogue, each under torch.compile (forward and backward).
-
-    The two are compiled separately: the Cauchy reduction needs the raised realisation thresholds,
-    and in one graph those thresholds make Inductor inline (and compile) far too much.
-    Returns None (after a one-time warning) if compilation fails.
-    """
+    """Fused Cauchy sums, then Woodbury, compiled separately (the sums' raised realisation
+    thresholds would make Inductor inline far too much of one graph); None if compiling fails."""
     if not _compiled:
         _compiled["cauchy"] = torch.compile(
             _cauchy_fused, fullgraph=True, options=_INDUCTOR_OPTIONS
@@ -468,10 +415,7 @@ def _generating_function_compiled(*args: Tensor) -> tuple[Tensor, Tensor] | None
 
 def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "torch") -> Tensor:
     """rho[m, h, k] = sum_n v/(2i s_k - w c_k) + conj(v)/(2i s_k - conj(w) c_k), eagerly in chunks.
-
-    v: (M, H, N2) complex numerators; dtA: (H, N2) complex poles w (Re w < 0); c, s: (K,) nodes
-    from :func:`frequency_nodes`. Returns (M, H, K) complex; (M, H, K, N2) is never materialised.
-    """
+    v: (M, H, N2); dtA: (H, N2) poles w, Re w < 0; c, s: (K,) -> (M, H, K) complex."""
     args = [x.contiguous() for x in (v.real, v.imag, dtA.real, dtA.imag)] + [c, s]
     return torch.complex(*(_cauchy_keops if backend == "keops" else _cauchy_eager)(*args))
 
@@ -479,12 +423,8 @@ def cauchy_dplr(v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str = "to
 def generating_function(
     v: Tensor, dtA: Tensor, c: Tensor, s: Tensor, backend: str, compile: str = "auto"
 ) -> Tensor:
-    """K^ at the nodes (c, s): Cauchy sums (compiled and fused when `compile` mode enables it)
-    then rank-1 Woodbury.
-
-    v: (M, H, N2) complex with M = 2 (ch + 1) as in :func:`_woodbury_real`; dtA: (H, N2).
-    Returns (ch, H, K) complex.
-    """
+    """K^ at the nodes (c, s): Cauchy sums (compiled if `compile` allows) then Woodbury.
+    v: (M, H, N2), M = 2 (ch + 1) as in :func:`_woodbury_real`; dtA: (H, N2) -> (ch, H, K)."""
     out = None
     terms = dtA.numel() * c.numel()  # H * K * N2
     if backend == "torch" and compile_enabled(compile, terms, dtA.device):
@@ -504,25 +444,21 @@ _EAGER_HINT_ELEMENTS = 1 << 23
 
 
 def _hint_eager(terms: int, mode: str) -> None:
-    """Warn once per process that a large kernel runs eagerly (several times slower than
-    compiled on a CPU, docs/performance.md), unless eager was asked for."""
+    """Warn once per process that a large kernel runs eagerly, unless eager was asked for."""
     global _hinted
     _hinted = True
     if mode == "never" or _compile_broken or torch.compiler.is_compiling():
         return  # asked for (or no compiler): nothing to suggest
     warnings.warn(
-        f"S4 kernel with {terms:.2e} Cauchy terms runs eagerly; for long runs set train.s4_compile: "
-        "always: it compiles once (about a minute) and trains ~3x faster",
+        f"S4 kernel with {terms:.2e} Cauchy terms runs eagerly; for long runs set the run's "
+        "`compile: always`: it compiles once (about a minute) and trains ~3x faster",
         stacklevel=3,
     )
 
 
 def _mode_major(x: Tensor) -> Tensor:
-    """x (..., H, N2), on a CPU laid out with the modes as the slow dim (strides (..., 1, H)).
-
-    The compiled Cauchy forward then vectorises along the frequencies and accumulates over the
-    modes in registers, instead of paying horizontal vector sums over the modes
-    (docs/performance.md). On a GPU the layout is left contiguous."""
+    """x (..., H, N2), on a CPU with the modes as the slow dim (strides (..., 1, H)), so the
+    compiled forward vectorises along K (docs/performance.md); contiguous on a GPU."""
     if x.device.type != "cpu":
         return x.contiguous()
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -542,13 +478,11 @@ def dplr_kernel(
     dtA: Tensor, B: Tensor, P: Tensor, C: Tensor, dt: Tensor, L: int, backend: str = "auto",
     compile: str = "auto",
 ) -> Tensor:  # fmt: skip
-    """Length-L convolution kernel of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
+    """Length-L kernel K (c, H, L) of the bilinear-discretised DPLR SSM A = diag(Lambda) - P P^*.
 
-    dtA: (H, N2) complex, dt * Lambda; B, P: (H, N2) complex; C: (c, H, N2) complex, the stored
-    C~ = C (I - A-bar^L) for length L; dt: (H,) real. Returns K: (c, H, L) real with
-    K[c, h, l] = C_ext A-bar^l B-bar_ext for l < L (conjugate-extended state of size N = 2 N2).
-    `compile`: the compile mode of the torch backend's Cauchy sums (see :func:`compile_enabled`).
-    """
+    dtA = dt Lambda, B, P: (H, N2); C: (c, H, N2), the stored C~ = C (I - A-bar^L); dt: (H,).
+    K[c, h, l] = C_ext A-bar^l B-bar_ext (conjugate-extended, N = 2 N2); `compile` as in
+    :func:`compile_enabled`."""
     backend = resolve_backend(backend)
     Bs = torch.stack([B, P]).unsqueeze(1) * dt.unsqueeze(-1)  # (2, 1, H, N2): (B, P) dt
     Cs = torch.cat([C, P.conj().unsqueeze(0)]).unsqueeze(0)  # (1, c+1, H, N2): (C~, Q), Q = conj(P)

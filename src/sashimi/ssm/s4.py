@@ -8,10 +8,8 @@ Per channel h (N = d_state, kept as N/2 complex-conjugate pairs):
     out = output_linear(dropout(GELU(y)))      glu=True: Linear(H, 2H) then GLU over features
 
 Re Lambda < 0 and P P^* >= 0 make A-bar a strict contraction for any parameters and dt > 0, so
-recurrent generation cannot blow up (the paper's stability fix). The stored C is C~ = C (I - A-bar^l)
-as in the official code (see S4Kernel). Recurrent mode runs the diagonalised system in float64
-(`S4Block.modal_form`), or the exact dense step when the eigenbasis is too ill-conditioned.
-Official v4 and "S4 v3" state dicts load by renaming (official_s4_key, convert_v3_*).
+generation cannot blow up (the paper's stability fix). The stored C is C~ = C (I - A-bar^l), as
+in the official code, whose v4 and "S4 v3" state dicts load by renaming.
 """
 
 from __future__ import annotations
@@ -53,14 +51,9 @@ def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
 
 
 def hippo_legs_nplr(N: int, B_clip: float = 2.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(Lambda, P, B, V) with A_legs = V (diag(Lambda) - P P^*) V^*, keeping one mode of each conjugate pair.
-
-    A_legs + p p^T = -1/2 I + skew-symmetric with p_n = sqrt(n + 1/2), so its eigenvalues are
-    -1/2 + i * eig(-i * skew) and V is unitary. The N/2 eigenvalues with negative imaginary part
-    are kept, sorted by imaginary part ascending; B and P are rotated by V^*, and Im B is
-    clipped to [-B_clip, B_clip] as in the official initialisation. Returns complex128 (N/2,) each
-    and the kept eigenvectors V (N, N/2) (the other half is conj(V), since A_legs + p p^T is real).
-    """
+    """(Lambda, P, B, V), complex128, with A_legs = V (diag(Lambda) - P P^*) V^*: A_legs + p p^T,
+    p_n = sqrt(n + 1/2), is -1/2 I + skew, so V is unitary. Keeps the N/2 eigenvalues with
+    Im < 0 (ascending; V: (N, N/2)) and clips Im B to [-B_clip, B_clip], as the official init."""
     A, B = hippo_legs(N)
     p = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)  # (N,)
     S = A + p[:, None] * p[None, :]  # normal: -1/2 I + skew
@@ -98,14 +91,10 @@ def _conj_ext(x: Tensor) -> Tensor:
 class S4Kernel(nn.Module):
     """DPLR SSM parameters and the length-L convolution kernel (channels, H, L).
 
-    Parameters (float32; complex ones are real views with a trailing (re, im) dim of 2):
-    inv_dt (H, 1), C (channels, H, N/2, 2), B and P (1, n_ssm, N/2, 2), A_real and A_imag
-    (n_ssm, N/2), and the int64 buffer l_kernel. channels = 2 when bidirectional (C[0] the
-    causal kernel, C[1] the backward one). With n_ssm < H channel h uses copy h % n_ssm (the
-    official '(v t)' layout). C~ bookkeeping: l_kernel == 0 means raw C; the first forward at
-    length L converts C to C~ = C (I - A-bar^L) in place; a longer request doubles l_kernel
-    (C~ times (I + A-bar^l)); a shorter one truncates the kernel. `compile_mode` picks the
-    compiled or eager Cauchy path (kernels.set_compile_mode).
+    Complex parameters are float32 real views (trailing dim 2); channels = 2 when bidirectional
+    (C[1] the backward kernel); channel h uses SSM copy h % n_ssm (official '(v t)' layout).
+    l_kernel == 0 means raw C; the first forward at length L stores C~ = C (I - A-bar^L), a
+    longer one doubles l_kernel, a shorter one truncates the kernel.
     """
 
     ssm_parameter_names = SSM_PARAMETER_NAMES  # own lr, no weight decay (sashimi.optim)
@@ -191,10 +180,8 @@ class S4Kernel(nn.Module):
 
     @torch.no_grad()
     def extend(self, L: int) -> None:
-        """Make the stored C~ cover at least length L (0 -> L directly, then doubling), as the official code does.
-
-        Computed exactly with dense float64 powers of A-bar (the modal form is too ill-conditioned here).
-        """
+        """Make the stored C~ cover length L (0 -> L, then doubling, as the official code), with
+        dense float64 powers of A-bar (the modal form is too ill-conditioned here)."""
         l = int(self.l_kernel)
         if l >= L:
             return
@@ -224,10 +211,8 @@ class S4Kernel(nn.Module):
 
     @torch.no_grad()
     def step_system(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact discrete system on the conjugate-extended state: A-bar (H, N, N), B-bar (H, N), C (c, H, N).
-
-        C is recovered from C~ by solving (I - A-bar^l)^T C^T = C~^T (official dense set-up).
-        """
+        """Exact A-bar (H, N, N), B-bar (H, N), C (c, H, N) on the conjugate-extended state; C from
+        C~ by solving (I - A-bar^l)^T C^T = C~^T (official dense set-up)."""
         dA, dB = self.discrete_dense()
         C = _conj_ext(_c(self.C.double()))  # (c, H, N)
         l = int(self.l_kernel)
@@ -239,14 +224,11 @@ class S4Kernel(nn.Module):
 
     @torch.no_grad()
     def modal_system(self) -> tuple[Tensor, Tensor, float]:
-        """Diagonalised float64 system: poles lambda-bar (H, N) and output weights c-hat (c, H, N), plus cond(V).
+        """Diagonalised system: poles lambda-bar (H, N), output weights c-hat (c, H, N), cond(V).
 
-        A = V diag(sigma) V^{-1} once per SSM copy (shared by all channels when n_ssm = 1); per channel
-        lambda-bar = (1 + dt sigma/2)/(1 - dt sigma/2). With s_t = lambda-bar s_{t-1} + u_t the output is
-        y_t = Re(sum_m c-hat_m s_t,m), c-hat = (C V) * (V^{-1} B-bar); C V follows from C~ V / (1 - lambda-bar^l).
-        Float64 because V is ill-conditioned (cond ~ 1e8 at init): the error is ~cond * 1e-16, and a
-        float32 modal state would be wrong.
-        """
+        A = V diag(sigma) V^{-1}, lambda-bar = (1 + dt sigma/2)/(1 - dt sigma/2), s_t = lambda-bar
+        s_{t-1} + u_t, y_t = Re(sum_m c-hat_m s_t,m), c-hat = (C V) * (V^{-1} B-bar). Float64: V is
+        ill-conditioned (cond ~ 1e8 at init), and the error is ~cond * eps."""
         A = self.dense_A()  # (n_ssm, N, N)
         sigma, V = torch.linalg.eig(A)  # (n_ssm, N), (n_ssm, N, N)
         cond = float(torch.linalg.cond(V).max())
@@ -271,17 +253,11 @@ class S4Kernel(nn.Module):
 
 
 class FFTConv(torch.autograd.Function):
-    """y = (k * x)[:L] + D x: circular convolution of size n = 2L of the zero-padded input x with a
-    kernel k of n_k <= 2L lags (lags >= L wrap around to negative ones: the bidirectional kernel).
+    """y = (k * x)[:L] + D x, a size-2L circular convolution of the zero-padded x (B, L, H) with
+    k (H, n_k <= 2L; lags >= L wrap to negative ones: the bidirectional kernel), D (H,).
 
-    Written out because autograd's backward of rfft is a complex (c2c) transform of the padded
-    gradient, plus transposes. Here every transform is real and the gradients are correlations,
-    i.e. products with conjugate spectra (no wrap-around: both factors vanish past L):
-
+    Written out so every transform is real (autograd's rfft backward is complex, docs/performance.md):
         G = rfft(g, n)    dL/dx = irfft(G conj(K))[:L] + D g    dL/dk = irfft(sum_b G conj(X))[:n_k]
-
-    x: (B, L, H), k: (H, n_k), D: (H,) -> (B, L, H). Equal to autograd through torch.fft to
-    float32 rounding (tests/test_s4.py), and faster (docs/performance.md).
     """
 
     @staticmethod
@@ -329,10 +305,8 @@ class FFTConv(torch.autograd.Function):
 def s4_head(
     y: Tensor, W: Tensor, b: Tensor, glu: bool, residual: Tensor | None = None, p: float = 0.0
 ) -> Tensor:
-    """Pointwise part of S4Block, shared by both modes: GELU -> dropout(p) -> output linear (-> GLU)
-    (+ residual). y: (..., H) -> (..., H). Dropout sits after the GELU as in the official S4Block.
-    A plain function of tensors, so that `kernels.maybe_compiled` can fuse it (training forward),
-    and with no module hooks in the batch-1 step."""
+    """S4Block's pointwise tail, both modes: GELU -> dropout(p) -> linear (-> GLU) (+ residual),
+    (..., H) -> (..., H). A plain function, so `kernels.maybe_compiled` can fuse it."""
     y = F.gelu(y)
     if p > 0:
         y = F.dropout(y, p)
@@ -343,9 +317,8 @@ def s4_head(
 
 
 class ModalForm(NamedTuple):
-    """An S4Block's recurrence in diagonal float64 form, per channel h and mode m:
-    s_t = lam s_{t-1} + u_t,  y_t = Re(sum_m c_m s_t,m) + D u_t,  out = W GELU(y) + b (-> GLU).
-    `cond` is the eigenbasis' condition number; not `stable` when too large for float64."""
+    """An S4Block's recurrence in diagonal float64 form: s_t = lam s_{t-1} + u_t,
+    y_t = Re(sum_m c_m s_t,m) + D u_t, out = W GELU(y) + b (-> GLU); `stable` if cond allows."""
 
     lam: Tensor  # (H, N) complex128, poles lambda-bar
     c: Tensor  # (H, N) complex128, output weights c-hat
@@ -361,14 +334,9 @@ class ModalForm(NamedTuple):
 
 
 class S4Block(nn.Module):
-    """S4 layer on (B, L, H) inputs: FFTConv(u) + D u -> GELU -> dropout -> output linear (-> GLU).
-
-    Dropout sits between the GELU and the output linear, as in the official S4Block (v3 and v4).
-    Recurrent mode (``setup_step``, ``default_state``, ``step``) runs a float64 modal (diagonalised)
-    state: one complex multiply-add per mode and one dot product per step. If the eigenvector basis
-    is too ill-conditioned for float64 (cond > _MAX_MODAL_COND) it falls back to the exact dense
-    step. `modal_form()` hands the modal system to other steppers (the fused generation engine).
-    """
+    """S4 layer on (B, L, H): FFTConv(u) + D u -> GELU -> dropout -> output linear (-> GLU), the
+    official order. Recurrent mode steps a float64 modal state (the exact dense step when
+    cond > _MAX_MODAL_COND); `modal_form()` is the interface of the fused generation engine."""
 
     def __init__(
         self,
@@ -404,11 +372,8 @@ class S4Block(nn.Module):
     # -- convolution mode ------------------------------------------------------------------------
 
     def fft_conv(self, u: Tensor) -> Tensor:
-        """Linear SSM part y = K * u + D u on (B, L, H) (causal, or two-sided when bidirectional).
-
-        Bidirectional, as the official FFTConv: y[t] = sum_s k0[s] u[t-s] + sum_s k1[s] u[t+1+s]
-        + D u[t], k0 = the kernel of C[0], k1 = that of C[1] (applied to the future, shifted by one).
-        """
+        """y = K * u + D u on (B, L, H); bidirectional as the official FFTConv:
+        y[t] = sum_s k0[s] u[t-s] + sum_s k1[s] u[t+1+s] + D u[t] (k0, k1 from C[0], C[1])."""
         L = u.size(1)
         x = u if u.dtype in (torch.float32, torch.float64) else u.float()
         K = self.kernel(L)  # (channels, H, L)
@@ -444,10 +409,8 @@ class S4Block(nn.Module):
 
     @torch.no_grad()
     def setup_step(self, mode: str = "auto") -> None:
-        """Precompute the recurrent system from the current parameters (idempotent; redo after updates/.to()).
-
-        mode: "auto" (modal float64 unless ill-conditioned), "modal", or "dense" (exact, slower).
-        """
+        """Precompute the recurrent system (redo after updates/.to()): mode "auto" (modal unless
+        ill-conditioned), "modal", or "dense" (exact, slower)."""
         if self.bidirectional:
             raise UserError("S4Block(bidirectional=True) has no recurrent (step) mode")
         if mode not in ("auto", "modal", "dense"):
@@ -527,9 +490,8 @@ class S4Block(nn.Module):
 
 
 def official_s4_key(key: str) -> str:
-    """Map one key of an official (state-spaces/s4 v4) S4Block state dict onto ours; shapes and
-    values are identical: layer.D -> D, layer.kernel.<name> -> kernel.<name>,
-    output_linear.0.weight / bias -> output_linear.weight / bias."""
+    """One official (state-spaces/s4 v4) S4Block key as ours (same shapes and values):
+    layer.<name> -> <name>, output_linear.0.<p> -> output_linear.<p>."""
     if key.startswith("layer."):
         return key[len("layer.") :]
     if key.startswith("output_linear.0."):
@@ -538,14 +500,9 @@ def official_s4_key(key: str) -> str:
 
 
 def convert_v3_kernel_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Convert an "S4 v3" SSKernelNPLR state dict (log_dt, inv_w_real, w_imag, B, P, C, L) to our kernel names.
-
-    Keys may carry a common prefix (e.g. 'kernel.kernel.'); the result has the same prefix replaced by
-    nothing, i.e. keys inv_dt, A_real, A_imag, B, P, C, l_kernel ready to load into :class:`S4Kernel`.
-    The v3 layer of albertfgu/diffwave-sashimi (n_ssm = H) has dt = exp(log_dt), Re Lambda =
-    -exp(inv_w_real) and Im Lambda = w_imag; dt is re-expressed as inv_dt = softplus^{-1}(dt)
-    (computed in float64), so the kernel is unchanged.
-    """
+    """An "S4 v3" SSKernelNPLR state dict (log_dt, inv_w_real, w_imag, B, P, C, L; any common
+    prefix) as :class:`S4Kernel` keys, prefix dropped. v3 has dt = exp(log_dt), Re Lambda =
+    -exp(inv_w_real), Im Lambda = w_imag; inv_dt = softplus^{-1}(dt) in float64 keeps K unchanged."""
     names = {"log_dt", "inv_w_real", "w_imag", "B", "P", "C", "L"}
     found = {k.rsplit(".", 1)[-1]: v for k, v in sd.items() if k.rsplit(".", 1)[-1] in names}
     missing = names - found.keys()

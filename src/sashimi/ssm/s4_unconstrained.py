@@ -6,17 +6,10 @@ SaShiMi's fix (paper section 3.2) ties Q to P and keeps Re Lambda negative (S4Ke
     unconstrained: A = diag(Lambda) - P Q^*    Re Lambda a free real parameter, P and Q untied
 
 Nothing keeps the unconstrained A Hurwitz, so training may push an eigenvalue of A-bar out of
-the unit disc, and the recurrence x_t = A-bar x_{t-1} + B-bar u_t then grows without bound.
-Discretisation (bilinear), the conjugate-extended state of size N and the layer around the
-kernel are those of S4Kernel / S4Block, so the recurrent modes (dense and modal) work as they
-are. The stored C is the raw C (no C~ bookkeeping, `l_kernel` stays 0).
-
-The convolution kernel K[l] = C A-bar^l B-bar (l < L) is computed exactly from the dense
-A-bar by baby-step giant-step: with T ~ sqrt(L), K[jT + i] = (C A-bar^{jT}) (A-bar^i B-bar),
-both factors built by doubling. Cost per forward: O(H N L + H N^2 sqrt(L) + H N^3 log L)
-complex128 work in O(log L) batched products; at the paper's SC09 sizes (N = 64; H = 64 at
-L = 16000 up to H = 256 at L = 1000) that is a few times the Cauchy kernel's work, and the
-dense (H, N, N) float64 matrices cost memory: fine for an ablation, not a replacement.
+the unit disc and the recurrence then grows without bound. Discretisation, state and layer are
+S4Kernel's / S4Block's, so both recurrent modes work as they are; C is stored raw (l_kernel 0).
+The kernel is computed exactly from the dense A-bar (:func:`power_kernel`): a few times the
+Cauchy kernel's work at the paper's SC09 sizes, fine for an ablation, not a replacement.
 """
 
 from __future__ import annotations
@@ -36,12 +29,9 @@ SSM_KINDS = ("stable", "unconstrained")
 
 
 class UnconstrainedS4Kernel(S4Kernel):
-    """S4Kernel with A = diag(Lambda) - P Q^*, Q untied from P and Re Lambda free.
-
-    Parameters as S4Kernel's, except Lambda_real (n_ssm, N/2) replacing A_real, and Q (1, n_ssm,
-    N/2, 2) beside P. Initialised to the same system as S4Kernel (Lambda_real = -exp(A_real),
-    Q = P), so the two models differ only in what training can reach.
-    """
+    """S4Kernel with A = diag(Lambda) - P Q^*: Lambda_real (n_ssm, N/2) replaces A_real, Q (1,
+    n_ssm, N/2, 2) sits beside P. Initialised to S4Kernel's system (Lambda_real = -exp(A_real),
+    Q = P), so the two differ only in what training can reach."""
 
     ssm_parameter_names = ("inv_dt", "Lambda_real", "A_imag", "B", "P", "Q")
 
@@ -128,11 +118,10 @@ class UnconstrainedS4Kernel(S4Kernel):
 
 
 def power_kernel(C: Tensor, dA: Tensor, dB: Tensor, L: int) -> Tensor:
-    """K[c, h, l] = Re(C A^l B) for l < L by baby-step giant-step; C (c, H, N), A (H, N, N), B (H, N).
+    """K[c, h, l] = Re(C A^l B), l < L, by baby-step giant-step; C (c, H, N), A (H, N, N), B (H, N).
 
-    Baby steps A^i B (i < T) and giant steps C A^{jT} (j < J) are each built by doubling, so a
-    call is O(log L) batched matrix products; T is the power of two nearest sqrt(L) from above.
-    """
+    K[jT + i] = (C A^{jT}) (A^i B), T the power of two >= sqrt(L), both factors built by doubling:
+    O(H N L + H N^2 sqrt(L) + H N^3 log L) complex128 work in O(log L) batched products."""
     T = 1 << max(0, math.ceil(math.log2(max(L, 1)) / 2))  # T^2 >= L
     J = -(-L // T)
     AB, M = dB.unsqueeze(-1), dA  # (H, N, 1): A^i B by doubling; M = A^{width}
