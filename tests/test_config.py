@@ -76,6 +76,14 @@ def test_wrong_type_names_its_path(tmp_path):
         load_params(p, check_models=False)
 
 
+def test_temperature_zero_is_greedy_and_negative_is_refused(tmp_path):
+    p = _write(tmp_path, lambda r: r["sample_defaults"].update(temperature=0))
+    assert load_params(p, check_models=False).run("sashimi-sc09").sample.temperature == 0
+    p = _write(tmp_path, lambda r: r["sample_defaults"].update(temperature=-0.5))
+    with pytest.raises(UserError, match=r"sample_defaults\.temperature: -0\.5"):
+        load_params(p, check_models=False)
+
+
 def test_missing_dataset_and_missing_run(tmp_path):
     p = _write(tmp_path, lambda r: r["runs"]["wavenet-sc09"].update(dataset="nope"))
     with pytest.raises(UserError, match=r"runs\.wavenet-sc09\.dataset: 'nope'"):

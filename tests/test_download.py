@@ -21,6 +21,7 @@ from sashimi.data import download as D
 from sashimi.data import fetch as F
 from sashimi.data import release as R
 from sashimi.errors import UserError
+from sashimi.io import recover_dir, replace_dir
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -384,13 +385,13 @@ def test_recover_dir_after_interrupted_replace(tmp_path):
     old.mkdir()
     (old / "keep.txt").write_text("old")
     (tmp_path / ".data.tmp-xyz").mkdir()  # an unfinished new folder
-    A.recover_dir(target)
+    recover_dir(target)
     assert (target / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     new = tmp_path / "new"
     new.mkdir()
     (new / "n.txt").write_text("new")
-    A.replace_dir(new, target)
+    replace_dir(new, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (target / "n.txt").exists()
 
 

@@ -224,10 +224,6 @@ def _tiny_classifier(path):
 
 
 def test_sc09_metrics_and_real_rows(workdir):
-    try:
-        import sashimi.classifier  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"sashimi.classifier not importable ({e})")
     sample = {"n": 16, "seconds": 0.01, "batch_size": 8}
     write_params(workdir, {"tiny": tiny_run(train={"max_steps": 2}, sample=sample)})
     _tiny_classifier(workdir / "results/runs/classifier-sc09/checkpoints/best.pt")

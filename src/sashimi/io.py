@@ -1,10 +1,11 @@
-"""Atomic file writes and audio I/O (soundfile; never torchaudio.load/save)."""
+"""Atomic file and folder writes, and audio I/O (soundfile; never torchaudio.load/save)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +88,37 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> No
     audio = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
     with atomic_write(path, "wb") as f:
         sf.write(f, audio, sr, format="WAV", subtype="PCM_16")
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, replacing an existing one only at the last moment.
+
+    Two renames on one file system. A crash between them leaves the old folder at
+    `.<name>.old-*` beside the target; `recover_dir(target)` (run first by download and
+    prepare) moves it back. One writer per target folder at a time.
+    """
+    target = Path(target)
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """Clean up after an interrupted replace_dir: restore `.old-*` if the target is gone,
+    delete leftover `.tmp-*` / `.old-*` folders otherwise."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for p in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if p.is_dir() and not target.exists():
+            os.rename(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)

@@ -17,7 +17,7 @@ rule prepare:
     """Split, resample and store one dataset as memory-mapped arrays (demo: synthesise it)."""
     input:
         lambda wc: raw_marker(wc.dataset),
-        code("data/prepare.py", "data/synthetic.py", "data/archive.py"),
+        code("data/prepare.py", "data/synthetic.py", "io.py"),
     output:
         "data/prepared/{dataset}/manifest.json",
     params:

@@ -1,9 +1,9 @@
-"""Unpack an archive into a folder safely and atomically; replace folders atomically.
+"""Unpack an archive into a folder safely and atomically.
 
 `extract` refuses members (and links) that would land outside the target folder, for zip
 and tar alike, before writing anything. `unpack` extracts into a temp folder beside the
 target and renames it over the target once complete, with a MARKER file saying what it
-came from. `replace_dir`/`recover_dir` are that rename, also used by `sashimi prepare`.
+came from (the rename is `sashimi.io.replace_dir`).
 """
 
 from __future__ import annotations
@@ -20,42 +20,9 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from sashimi.errors import UserError
+from sashimi.io import replace_dir
 
 MARKER = ".sashimi-download.json"  # written into the unpacked folder last-before-rename
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, replacing an existing one only at the last moment.
-
-    Two renames on one file system. A crash between them leaves the old folder at
-    `.<name>.old-*` beside the target; `recover_dir(target)` (run first by download and
-    prepare) moves it back. One writer per target folder at a time.
-    """
-    target = Path(target)
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.rmdir(old)
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    """Clean up after an interrupted replace_dir: restore `.old-*` if the target is gone,
-    delete leftover `.tmp-*` / `.old-*` folders otherwise."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        return
-    for p in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if p.is_dir() and not target.exists():
-            os.rename(p, target)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in target.parent.glob(f".{target.name}.tmp-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def unpack(archive: Path, folder: Path, info: dict, *, deep: bool = False) -> None:

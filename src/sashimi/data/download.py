@@ -18,10 +18,11 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sashimi.data.archive import MARKER, recover_dir, unpack
+from sashimi.data.archive import MARKER, unpack
 from sashimi.data.fetch import DENIED, fetch, hf_token
 from sashimi.data.release import RELEASES, download_release
 from sashimi.errors import UserError
+from sashimi.io import recover_dir
 
 HF = "https://huggingface.co/datasets/krandiash"
 

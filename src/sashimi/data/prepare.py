@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sashimi.data.archive import recover_dir, replace_dir
 from sashimi.errors import UserError
-from sashimi.io import read_audio, write_json
+from sashimi.io import read_audio, recover_dir, replace_dir, write_json
 
 SAMPLE_RATE = 16_000
 SPLITS = ("train", "validation", "test")

@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sashimi.data.archive import MARKER, recover_dir, unpack
+from sashimi.data.archive import MARKER, unpack
 from sashimi.data.fetch import fetch, hf_token
 from sashimi.errors import UserError
-from sashimi.io import write_json
+from sashimi.io import recover_dir, write_json
 
 REPO = "krandiash/sashimi-release"
 REVISION = "main"
