@@ -280,6 +280,7 @@ def test_cli_train_and_test(tone_data, tmp_path, tone_model, monkeypatch, capsys
     from sashimi.cli import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SASHIMI_TRACKING", "0")  # MLflow mirroring has its own test
     prep = _write_prepared(
         tmp_path / "data" / "prepared" / "tones",
         {k: (v[0][:40], v[1][:40]) for k, v in tone_data.items()},

@@ -241,14 +241,28 @@ def test_403_on_an_open_archive_says_access_denied(server, monkeypatch, tmp_path
     assert not (tmp_path / "toy").exists()
 
 
-def test_no_network_names_the_url(tmp_path):
+def _dead_base() -> str:
+    """An http:// base URL on a local port where nothing listens."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    url = f"http://127.0.0.1:{port}/sc09.zip"
-    with pytest.raises(UserError, match=f"cannot reach {re.escape(url)}"):
+    return f"http://127.0.0.1:{port}"
+
+
+def test_no_network_names_the_url_and_hints_at_url(tmp_path):
+    url = f"{_dead_base()}/sc09.zip"
+    with pytest.raises(UserError, match=f"cannot reach {re.escape(url)}") as e:
         D.download("sc09", tmp_path / "sc09", url=url, retries=0, progress=False)
+    assert str(e.value).endswith("); check the network or pass another --url")
+
+
+def test_404_hints_at_url(server, tmp_path):
+    url = f"{server.base}/moved.zip"
+    with pytest.raises(UserError) as e:
+        D.download("fsdd", tmp_path / "f", url=url, progress=False)
+    assert str(e.value) == f"{url}: HTTP 404 not found (pass the right archive with --url)"
+    assert not (tmp_path / "f").exists()
 
 
 def test_custom_url_with_sha256(server, tmp_path):
@@ -262,6 +276,129 @@ def test_custom_url_with_sha256(server, tmp_path):
         progress=False,
     )
     assert _tree(out) == FILES
+
+
+# ----------------------------------------------------------------------------- local archives
+
+
+def _on_disk(tmp_path: Path, name: str, data: bytes) -> Path:
+    """`data` as an archive the user already has (a local mirror)."""
+    path = tmp_path / "mirror" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _all_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_file_url_is_checked_and_unpacked_in_place(monkeypatch, tmp_path, capsys):
+    data = _zip(FILES, top="free-spoken-digit-dataset-1.0.10/")
+    path = _on_disk(tmp_path, "fsdd mirror.zip", data)  # a space: %20 in the URL
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("a local archive must not go through fetch (no copy)")
+
+    monkeypatch.setattr(D, "fetch", no_fetch)
+    sha = hashlib.sha256(data).hexdigest()
+    out = tmp_path / "raw" / "fsdd"
+    D.download("fsdd", out, url=path.as_uri(), sha256=sha, progress=False)
+    assert "%20" in path.as_uri() and _tree(out) == FILES
+    assert path.read_bytes() == data  # the user's archive stays, untouched
+    # nothing but the archive and the unpacked files: no .archives copy, no temp folder
+    assert _all_files(tmp_path) == sorted(
+        ["mirror/fsdd mirror.zip", f"raw/fsdd/{A.MARKER}", *(f"raw/fsdd/{n}" for n in FILES)]
+    )
+    marker = json.loads((out / A.MARKER).read_text())
+    assert marker["url"] == path.as_uri() and marker["bytes"] == len(data)
+    assert marker["sha256"] == sha and marker["archive"] == "fsdd mirror.zip"
+    assert (
+        "fsdd mirror.zip: size unknown (not recorded for this file): only the sha256 is verified"
+        in capsys.readouterr().out
+    )
+
+
+def test_plain_path_through_the_cli(monkeypatch, tmp_path, capsys):
+    from sashimi.cli import main
+
+    data = _tar_gz(FILES)
+    _on_disk(tmp_path, "speech.tar.gz", data)
+    monkeypatch.chdir(tmp_path)
+    args = ["download", "--dataset", "fsdd", "--url", "mirror/speech.tar.gz", "--out", "raw/f"]
+    assert main(args) == 0
+    assert _tree(tmp_path / "raw/f") == FILES
+    assert (tmp_path / "mirror/speech.tar.gz").read_bytes() == data
+    assert main(args) == 0  # already there
+    assert "already downloaded" in capsys.readouterr().out
+    assert main([*args[:4], "mirror/gone.tar.gz", *args[5:], "--force"]) == 2
+    assert capsys.readouterr().err.strip() == "error: mirror/gone.tar.gz: no such file"
+    assert _tree(tmp_path / "raw/f") == FILES  # a failed --force keeps what was there
+
+
+def test_local_mirror_keeps_the_table_size_and_sha256(monkeypatch, tmp_path):
+    data = _zip(FILES)
+    path = _on_disk(tmp_path, "toy.zip", data)
+    sha = hashlib.sha256(data).hexdigest()
+    monkeypatch.setenv("SASHIMI_DOWNLOAD_BASE_URL", path.parent.as_uri())
+    bad = [
+        (len(data), "0" * 64, f"sha256 mismatch (got {sha}, expected {'0' * 64}); file left as is"),
+        (
+            len(data) + 1,
+            sha,
+            f"file is {len(data):,} bytes but {len(data) + 1:,} were expected (wrong archive?)",
+        ),
+    ]
+    for size, digest, msg in bad:
+        monkeypatch.setitem(D.DATASETS, "toy", D.Source("https://x.invalid/toy.zip", size, digest))
+        with pytest.raises(UserError) as e:
+            D.download("toy", tmp_path / "raw" / "toy", progress=False)
+        assert str(e.value) == f"{path}: {msg}"
+        assert path.read_bytes() == data and not (tmp_path / "raw" / "toy").exists()
+    monkeypatch.setitem(D.DATASETS, "toy", D.Source("https://x.invalid/toy.zip", len(data), sha))
+    assert _tree(D.download("toy", tmp_path / "raw" / "toy", progress=False)) == FILES
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["toy"]
+
+
+def _flip_inside(data: bytes, needle: bytes) -> bytes:
+    """`data` with one bit flipped in the middle of `needle` (a stored zip member)."""
+    out = bytearray(data)
+    out[data.index(needle) + len(needle) // 2] ^= 1
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "{path}: no such file"),
+        ("folder", "{path}: is a folder, not an archive file"),
+        ("truncated", "{path}: not a zip or tar archive"),
+        ("truncated-tar", "{path}: corrupt archive (EOFError: "),
+        ("corrupt", "{path}: corrupt archive (BadZipFile: Bad CRC-32 for file 'one/b.wav')"),
+        ("other-host", "file://elsewhere{path}: a file:// URL must name a file on this machine"),
+    ],
+)
+def test_local_archive_errors_name_the_file(tmp_path, case, expect):
+    data = _zip(FILES)
+    path = tmp_path / "mirror" / "x.zip"
+    if case == "folder":
+        path.mkdir(parents=True)
+    elif case == "truncated":
+        path = _on_disk(tmp_path, "x.zip", data[: len(data) // 2])
+    elif case == "truncated-tar":
+        path = _on_disk(tmp_path, "x.tar.gz", _tar_gz(FILES)[:-200])
+    elif case == "corrupt":
+        path = _on_disk(tmp_path, "x.zip", _flip_inside(data, FILES["one/b.wav"]))
+    url = f"file://elsewhere{path}" if case == "other-host" else path.as_uri()
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(UserError) as e:
+        D.download("fsdd", tmp_path / "raw" / "f", url=url, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(expect.format(path=path)) and "\n" not in msg
+    assert not (tmp_path / "raw" / "f").exists()
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    if before is not None:
+        assert path.read_bytes() == before  # never removed: the file is the user's
 
 
 @pytest.mark.parametrize(
@@ -567,6 +704,37 @@ def test_release_checksum_mismatch_leaves_nothing(hub, tmp_path, lfs):
     with pytest.raises(UserError, match="sha256 mismatch" if lfs else "git blob id mismatch"):
         R.download_release("release-classifier", tmp_path / "r", progress=False)
     assert _files(tmp_path / "r") == {}
+
+
+@pytest.mark.parametrize("fault", ["404", "403", "unreachable"])
+def test_release_file_errors_hint_at_hf_not_url(hub, monkeypatch, tmp_path, fault):
+    path = "checkpoints/sashimi_sc09.pt"
+    _listing(hub, "checkpoints", {path: b"a" * 64})
+    url = f"{hub.base}{RESOLVE}{path}"
+    if fault == "404":
+        del hub.files[RESOLVE + path]
+    elif fault == "403":
+        hub.status[RESOLVE + path] = 403
+    else:
+        dead = _dead_base()
+        url = f"{dead}{RESOLVE}{path}"
+        monkeypatch.setattr(R, "file_url", lambda p: f"{dead}{RESOLVE}{p}")
+    with pytest.raises(UserError) as e:
+        R.download_release("release-checkpoints", tmp_path / "r", retries=0, progress=False)
+    msg = str(e.value)
+    expect = {
+        "404": f"{url}: HTTP 404 not found (listed but not served by {hub.base}; run again, or "
+        "set HF_ENDPOINT to a complete mirror of krandiash/sashimi-release)",
+        "403": f"{url}: HTTP 403 (no Hugging Face token found); set HF_TOKEN or run "
+        "`huggingface-cli login`",
+    }
+    if fault in expect:
+        assert msg == expect[fault]
+    else:
+        assert msg.startswith(f"cannot reach {url} (")
+        assert msg.endswith("); check the network, or set HF_ENDPOINT to a mirror")
+    assert "--url" not in msg  # `--dataset release-*` refuses --url
+    assert not list(tmp_path.rglob("*.pt"))
 
 
 def test_release_listing_errors(hub, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import cli, make_prepared, register_tiny_models, tiny_run, write_params
+from test_train import TRAIN, cli, make_prepared, register_tiny_models, tiny_run, write_params
 
 WRITER = textwrap.dedent("""
     import os, sys
@@ -218,3 +218,65 @@ def test_training_run_is_mirrored(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results/runs/tiny/mlflow_run.json").read_text())["run_id"] == (
         new.info.run_id
     )
+
+
+def test_classifier_training_run_is_mirrored(tmp_path, monkeypatch):
+    """`sashimi train` of a classifier run mirrors it like any run: params, per-epoch train and
+    validation metrics at the optimiser step, checkpoints; a resume adds to the same MLflow
+    run, and an interrupted one ends it KILLED."""
+    import csv
+
+    import sashimi.classifier_train as CT
+
+    monkeypatch.chdir(tmp_path)
+    make_prepared(tmp_path)  # 12 train clips (3 steps of 4 per epoch), 4 validation clips
+    train = {"optimizer": "sgd", "scheduler": "plateau", "max_epochs": 2, "batch_size": 4}
+    clf = {"kind": "classifier", "dataset": "tiny", "train": train,
+           "model": {"name": "resnext", "width": 0.0625, "depth": 11}}  # fmt: skip
+    write_params(tmp_path, {"clf": clf})
+    monkeypatch.setenv("SASHIMI_TRACKING", "inprocess")
+    monkeypatch.setenv("SASHIMI_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli("train", "--run", "clf", "--device", "cpu", "--max-steps", "3") == 0
+    assert cli("train", "--run", "clf", "--device", "cpu") == 0  # resumed: epoch 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sashimi").experiment_id
+    runs = client.search_runs([exp])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.run_name == "clf" and r.info.status == "FINISHED"
+    assert r.data.params["train.lr"] == str(TRAIN["lr"])  # from train_defaults
+    assert r.data.params["model.width"] == "0.0625"
+    assert r.data.params["train.optimizer"] == "sgd" and int(r.data.params["n_params"]) > 0
+    assert r.data.tags["kind"] == "classifier"
+    ckpts = tmp_path / "results/runs/clf/checkpoints"
+    assert r.data.tags["checkpoint"] == str((ckpts / "last.pt").resolve())
+    assert r.data.tags["best_checkpoint"] == str((ckpts / "best.pt").resolve())
+    with open(tmp_path / "results/runs/clf/train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for split in ("train", "validation"):
+        logged = {int(x["step"]): x for x in rows if x["split"] == split}
+        assert sorted(logged) == [3, 6]
+        for name in ("loss", "accuracy"):
+            hist = client.get_metric_history(r.info.run_id, f"{split}/{name}")
+            got = {m.step: m.value for m in hist}
+            assert got.keys() == logged.keys()
+            for step, value in got.items():
+                assert value == pytest.approx(float(logged[step][name]))
+    lrs = client.get_metric_history(r.info.run_id, "lr")
+    assert sorted(m.step for m in lrs) == [3, 6] and all(m.value > 0 for m in lrs)
+    assert sorted(m.value for m in client.get_metric_history(r.info.run_id, "epoch")) == [1, 2]
+
+    # a longer budget resumes the same MLflow run; an interrupt ends it KILLED
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CT, "evaluate_accuracy", interrupted)
+    write_params(tmp_path, {"clf": dict(clf, train=dict(train, max_epochs=3))})
+    assert cli("train", "--run", "clf", "--device", "cpu") == 130
+    runs = client.search_runs([exp])
+    assert [x.info.run_id for x in runs] == [r.info.run_id]
+    assert runs[0].info.status == "KILLED"

@@ -10,8 +10,8 @@ best.pt is the best validation accuracy (ties by loss). Budgets `max_epochs`, `m
 it, and a resumed run starts the next epoch.
 
 Its loop is its own (labelled clips, augmentation, one validation per epoch); the run
-configuration, RNG state, atomic checkpoints and the resume rule (`resume.open_last`) are the
-generative trainer's.
+configuration, RNG state, atomic checkpoints, the resume rule (`resume.open_last`) and the
+MLflow mirror (`tracking.training_tracker`) are the generative trainer's.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from sashimi.errors import UserError
 from sashimi.io import atomic_write, read_audio
 from sashimi.resume import clear_checkpoints, open_last, write_checkpoint
 from sashimi.rng import rng_state, seed_everything, set_rng_state
+
+if TYPE_CHECKING:
+    from sashimi.tracking import Tracker
 
 LOG_COLUMNS = ["step", "epoch", "split", "loss", "accuracy", "lr", "elapsed_s"]
 
@@ -203,7 +207,10 @@ class ClassifierTrainer:
     """Trains a DigitClassifier(**model_kwargs) with the TrainConfig `tc`. With `ckpt_dir`,
     writes last.pt (every epoch; resumed from) and best.pt there, and train_log.csv beside
     them. `config` is the run configuration saved in checkpoints and compared on resume (by
-    default the model and `tc`)."""
+    default the model and `tc`). `tracking(resumed, n_params)`, when given, opens the run's
+    MLflow mirror (a started `sashimi.tracking.Tracker`) once the trainer knows whether it
+    resumed; every epoch's metrics and checkpoints go there, and it is closed with the run's
+    status."""
 
     def __init__(
         self,
@@ -220,6 +227,7 @@ class ClassifierTrainer:
         noise_bank: Sequence[np.ndarray] | None = None,
         device: str | torch.device | None = None,
         log: Callable[[str], None] | None = print,
+        tracking: Callable[[bool, int], Tracker] | None = None,
     ) -> None:
         where = f"runs.{key}.train"
         if tc.optimizer != "sgd":
@@ -254,6 +262,7 @@ class ClassifierTrainer:
         self.epoch, self.step, self.elapsed_prev = 0, 0, 0.0
         self.best_val, self.rows = (-1.0, math.inf), []
         self.best_state: dict | None = None
+        self.tracking, self.tracker = tracking, None
 
     def _balanced_loader(self) -> torch.utils.data.DataLoader:
         """Class-balanced sampling with replacement, one epoch = len(train_set) draws."""
@@ -281,14 +290,15 @@ class ClassifierTrainer:
         d = self.ckpt_dir
         return (d.parent if d.name == "checkpoints" else d) / "train_log.csv"
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
+        """Load last.pt if resuming; False when starting fresh."""
         if self.ckpt_dir is None:
-            return
+            return False
         last = self.ckpt_dir / "last.pt"
         ck = open_last(last, self.resume, self.config, self.dataset, self.key)
         if ck is None:  # a fresh start leaves no stale best.pt behind
             clear_checkpoints(self.ckpt_dir)
-            return
+            return False
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -299,6 +309,7 @@ class ClassifierTrainer:
         if self.aug is not None and ck["rng"].get("augment") is not None:
             self.aug.set_state(ck["rng"]["augment"])
         self.log(f"resumed from {last} at epoch {self.epoch}, step {self.step}")
+        return True
 
     def _budget_left(self) -> bool:
         tc = self.tc
@@ -311,14 +322,25 @@ class ClassifierTrainer:
 
     def fit(self) -> DigitClassifier:
         """Train until a budget is used up; returns the best model (eval mode)."""
-        self._restore()
+        resumed = self._restore()
         self._t0 = time.monotonic()
-        while self._budget_left() and (
-            self.tc.max_epochs is None or self.epoch < self.tc.max_epochs
-        ):
-            stats = self._train_epoch()
-            self.epoch += 1
-            self._end_epoch(*stats)
+        if self.tracking is not None:
+            self.tracker = self.tracking(resumed, count_parameters(self.model))
+        status = "FAILED"
+        try:
+            while self._budget_left() and (
+                self.tc.max_epochs is None or self.epoch < self.tc.max_epochs
+            ):
+                stats = self._train_epoch()
+                self.epoch += 1
+                self._end_epoch(*stats)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if self.tracker is not None:
+                self.tracker.close(status)
         if self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").is_file():
             return load_classifier(self.ckpt_dir / "best.pt", map_location=self.device)
         if self.best_state is not None:
@@ -379,6 +401,21 @@ class ClassifierTrainer:
         paths = [self.ckpt_dir / "best.pt"] if improved else []
         write_checkpoint(self._state(now, val_acc, val_loss), [*paths, self.ckpt_dir / "last.pt"])
         _write_log(self.log_path, self.rows)
+        self._mirror(self.rows[-2:], improved)
+
+    def _mirror(self, rows: list[dict], improved: bool) -> None:
+        """The epoch's train and validation rows as MLflow metrics (step = optimiser step), and
+        the checkpoints just written: `checkpoint` (last.pt), `best_checkpoint` (best.pt)."""
+        if self.tracker is None:
+            return
+        metrics = {"epoch": self.epoch, "lr": rows[-1]["lr"]}
+        for r in rows:  # split: train, validation
+            metrics[f"{r['split']}/loss"] = r["loss"]
+            metrics[f"{r['split']}/accuracy"] = r["accuracy"]
+        self.tracker.log_metrics(metrics, step=self.step)
+        self.tracker.log_checkpoint_path(self.ckpt_dir / "last.pt")
+        if improved:
+            self.tracker.set_tag("best_checkpoint", (self.ckpt_dir / "best.pt").resolve())
 
     def _state(self, now: float, val_acc: float, val_loss: float) -> dict:
         return dict(
@@ -442,7 +479,10 @@ def _log(msg: str) -> None:
 
 
 def train_classifier_run(P, run, *, device: torch.device, resume: bool | None = None) -> dict:
-    """Train the classifier run `run` of params `P`; returns a summary dict."""
+    """Train the classifier run `run` of params `P` (mirrored to MLflow like every training
+    run); returns a summary dict."""
+    from sashimi.tracking import training_tracker
+
     ds = P.dataset(run.dataset)
     prepared = Path(ds.prepared_dir)
     if not (prepared / "train.offsets.npy").is_file():
@@ -452,6 +492,7 @@ def train_classifier_run(P, run, *, device: torch.device, resume: bool | None = 
     train_set, val_set = train_val_split(prepared, run.train.seed, _log)
     noise = load_noise_dir(run.train.noise_dir) if run.train.noise_dir else None
     ckpt_dir = checkpoint_dir(run.run_dir)
+    root = Path(P.path).resolve().parent  # the store beside params.yaml, as for every run
     trainer = ClassifierTrainer(
         train_set,
         val_set,
@@ -465,6 +506,9 @@ def train_classifier_run(P, run, *, device: torch.device, resume: bool | None = 
         noise_bank=noise,
         device=device,
         log=_log,
+        tracking=lambda resumed, n_params: training_tracker(
+            P, run, root=root, resumed=resumed, n_params=n_params
+        ),
     )
     model = trainer.fit()
     _log(f"best checkpoint: {ckpt_dir / 'best.pt'} ({count_parameters(model):,} parameters)")

@@ -38,6 +38,7 @@ __all__ = [
     "git_commit",
     "tracking_enabled",
     "tracking_mode",
+    "training_tracker",
 ]
 
 
@@ -297,3 +298,16 @@ class Tracker:
             self._session.log_artifact(path, artifact_path)
         else:
             self._send({"op": "artifact", "path": path, "artifact_path": artifact_path})
+
+
+def training_tracker(P, run, *, root: str | os.PathLike, resumed: bool, n_params: int) -> Tracker:
+    """The started MLflow mirror of training run `run` of params `P`: its flattened params and
+    size, tagged with its kind and model; a resumed run adds to its previous MLflow run."""
+    return Tracker(
+        run.key,
+        dict(P.flat(run.key), n_params=n_params),
+        run_dir=run.run_dir,
+        root=root,
+        reuse=resumed,
+        tags={"kind": run.kind, "model_name": run.model_name},
+    ).start()

@@ -446,16 +446,11 @@ class Trainer:
         self._init_outputs(resumed)
         self.dist.barrier()
         if self.dist.is_main:
-            from sashimi.tracking import Tracker
+            from sashimi.tracking import training_tracker
 
-            self.tracker = Tracker(
-                self.run.key,
-                dict(self.P.flat(self.run.key), n_params=self.n_params),
-                run_dir=self.run_dir,
-                root=self.root,
-                reuse=resumed,
-                tags={"kind": self.kind, "model_name": self.run.model_name},
-            ).start()
+            self.tracker = training_tracker(
+                self.P, self.run, root=self.root, resumed=resumed, n_params=self.n_params
+            )
         total = self.tc.max_steps
         if total is None and self.tc.max_epochs:
             total = self.tc.max_epochs * self.n_batches

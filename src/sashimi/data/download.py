@@ -5,8 +5,10 @@ against the size and sha256 recorded here where known (sashimi.data.fetch), then
 safely into a folder that replaces `--out` only once complete (sashimi.data.archive).
 Archives are kept in `<out>/../.archives/` until extraction succeeds (then deleted unless
 `--keep-archive`). `SASHIMI_DOWNLOAD_BASE_URL` points every dataset at a mirror
-(`<base>/<archive file name>`), e.g. a local server in tests. `--dataset release-*`
-fetches the authors' release files instead (sashimi.data.release).
+(`<base>/<archive file name>`), e.g. a local server in tests. A `file://` URL or a plain
+path (as `--url` or mirror) is an archive already on disk: it is checked and unpacked in
+place, never copied or removed. `--dataset release-*` fetches the authors' release files
+instead (sashimi.data.release).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sashimi.data.archive import MARKER, unpack
-from sashimi.data.fetch import DENIED, fetch, hf_token
+from sashimi.data.fetch import Hints, check_local, fetch, hf_token, local_path
 from sashimi.data.release import RELEASES, download_release
 from sashimi.errors import UserError
 from sashimi.io import recover_dir
 
 HF = "https://huggingface.co/datasets/krandiash"
+DENIED = "access denied (pass a working --url, or set HF_TOKEN for Hugging Face)"
+NOT_FOUND = "pass the right archive with --url"
+UNREACHABLE = "check the network or pass another --url"
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,32 @@ def _denied(name: str, src: Source) -> str:
     )
 
 
+def _fetch_archive(
+    name: str, src: Source, folder: Path, *, force: bool, retries: int, progress: bool
+) -> Path:
+    """The archive of `src` in `folder`, fetched unless a complete copy is there already."""
+    archive = folder / src.filename
+    if archive.exists() and not force:
+        return archive
+    with contextlib.suppress(FileNotFoundError):
+        archive.unlink()
+    if unverified := unverified_note(src):
+        print(f"{src.filename}: {unverified}")
+    host = urllib.parse.urlparse(src.url).hostname or ""
+    token = hf_token() if host == "huggingface.co" or host.endswith(".huggingface.co") else None
+    hints = Hints(denied=_denied(name, src), not_found=NOT_FOUND, unreachable=UNREACHABLE)
+    return fetch(
+        src.url,
+        archive,
+        size=src.size,
+        sha256=src.sha256,
+        token=token,
+        hints=hints,
+        retries=retries,
+        progress=progress,
+    )
+
+
 def download(
     name: str,
     out: str | os.PathLike | None = None,
@@ -141,34 +172,24 @@ def download(
             f"{out}: exists and was not made by `sashimi download`; move it away or pass --force"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    archive = out.parent / ".archives" / src.filename
-    if not archive.exists() or force:
-        if force:
-            with contextlib.suppress(FileNotFoundError):
-                archive.unlink()
-        host = urllib.parse.urlparse(src.url).hostname or ""
-        token = hf_token() if host == "huggingface.co" or host.endswith(".huggingface.co") else None
-        if unverified := unverified_note(src):
-            print(f"{src.filename}: {unverified}")
-        fetch(
-            src.url,
-            archive,
-            size=src.size,
-            sha256=src.sha256,
-            token=token,
-            denied=_denied(name, src),
-            retries=retries,
-            progress=progress,
+    local = local_path(src.url)  # an archive already on disk: checked and read in place
+    if local is None:
+        archive = _fetch_archive(
+            name, src, out.parent / ".archives", force=force, retries=retries, progress=progress
         )
+    else:
+        archive = check_local(local, size=src.size, sha256=src.sha256)
+        if unverified := unverified_note(src):
+            print(f"{local.name}: {unverified}")
     info = {
         "dataset": name,
-        "url": src.url,
-        "archive": src.filename,
+        "url": local.resolve().as_uri() if local is not None else src.url,
+        "archive": archive.name,
         "bytes": archive.stat().st_size,
         "sha256": src.sha256,
     }
     unpack(archive, out, info)
-    if not keep_archive:
+    if local is None and not keep_archive:
         archive.unlink()
         with contextlib.suppress(OSError):
             archive.parent.rmdir()
@@ -199,7 +220,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
         default=None,
-        help="download from this URL instead (disables the built-in checksum)",
+        help="download from this URL instead, or unpack a local archive (file:///path or a "
+        "path); disables the built-in checksum",
     )
     p.add_argument("--sha256", default=None, help="expected sha256 of the archive")
     p.add_argument("--keep-archive", action="store_true", help="keep the archive after extracting")

@@ -1,8 +1,10 @@
-"""Resumable, verified HTTP(S) download of one file: `fetch(url, dest, size=, sha256=)`.
+"""Resumable, verified HTTP(S) download of one file: `fetch(url, dest, size=, sha256=, hints=)`.
 
 The bytes go to `<dest>.part`, continued with an HTTP Range request after a dropped
 connection (retried with backoff, or on the next call), and `dest` appears only once the
-size and sha256 (where known) match. Errors are one-line UserErrors naming the URL.
+size and sha256 (where known) match. Errors are one-line UserErrors naming the URL and
+ending with the caller's `Hints` (what its user can change). A `file://` URL or a plain
+path is a local file instead: `local_path` names it and `check_local` verifies it in place.
 `hf_token` finds the Hugging Face token the way `huggingface-cli` stores it.
 """
 
@@ -15,14 +17,15 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from sashimi.errors import UserError
 
 CHUNK = 1 << 20
 BACKOFF_S = 1.0  # wait before retry k: BACKOFF_S * 2^(k-1) seconds, at most 30
-DENIED = "access denied (pass a working --url, or set HF_TOKEN for Hugging Face)"
 
 # Worth retrying (the server was reached); anything else (DNS, refused, unreachable) is reported at once.
 _TRANSIENT = (
@@ -32,6 +35,15 @@ _TRANSIENT = (
     http.client.RemoteDisconnected,
 )
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class Hints:
+    """The caller's words for what its user can do when a request fails for good."""
+
+    denied: str  # after "URL: HTTP 401" / "HTTP 403"
+    not_found: str  # in the parentheses of "URL: HTTP 404 not found (...)"
+    unreachable: str  # after "cannot reach URL (reason); "
 
 
 def hf_token() -> str | None:
@@ -49,11 +61,57 @@ def hf_token() -> str | None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
+        return _sha256_stream(f)
+
+
+def _sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    while block := f.read(CHUNK):
+        h.update(block)
     return h.hexdigest()
+
+
+def local_path(url: str) -> Path | None:
+    """The file that a `file://` URL or a plain path names; None for an http(s) URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return None
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UserError(f"{url}: a file:// URL must name a file on this machine (file:///path)")
+        return Path(urllib.request.url2pathname(parts.path))
+    if parts.scheme == "":
+        return Path(url).expanduser()
+    raise UserError(f"{url}: unsupported URL scheme (use http://, https://, file:// or a path)")
+
+
+def check_local(path: Path, *, size: int | None = None, sha256: str | None = None) -> Path:
+    """`path` once it is a readable file of the expected size and sha256 (where known).
+
+    Read in place, never copied, moved or removed: the file is the user's. A mismatch is a
+    UserError naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            got = os.fstat(f.fileno()).st_size
+            if size is not None and got != size:
+                raise UserError(
+                    f"{path}: file is {got:,} bytes but {size:,} were expected (wrong archive?)"
+                )
+            digest = _sha256_stream(f) if sha256 is not None else None
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not an archive file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if digest is not None and digest != sha256.lower():
+        raise UserError(
+            f"{path}: sha256 mismatch (got {digest}, expected {sha256}); file left as is"
+        )
+    return path
 
 
 def fetch(
@@ -63,7 +121,7 @@ def fetch(
     size: int | None = None,
     sha256: str | None = None,
     token: str | None = None,
-    denied: str = DENIED,
+    hints: Hints,
     retries: int = 3,
     timeout: float = 60.0,
     progress: bool = True,
@@ -72,9 +130,11 @@ def fetch(
 
     A connection that drops is retried `retries` times from where it stopped; when retries
     run out the partial file is kept and the next call resumes it. A wrong size or checksum
-    removes the partial file and raises UserError. `denied` follows `HTTP 401/403` in the
-    error for a refused request.
+    removes the partial file and raises UserError. `hints` ends the error of a request that
+    is refused, not found or cannot reach the host.
     """
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UserError(f"{url}: not an http:// or https:// URL")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -82,7 +142,7 @@ def fetch(
     while True:
         try:
             _fetch_once(
-                url, part, size=size, token=token, denied=denied, timeout=timeout, progress=progress
+                url, part, size=size, token=token, hints=hints, timeout=timeout, progress=progress
             )
             break
         except _Interrupted as e:
@@ -128,7 +188,7 @@ def _fetch_once(
     *,
     size: int | None,
     token: str | None,
-    denied: str,
+    hints: Hints,
     timeout: float,
     progress: bool,
 ) -> None:
@@ -139,7 +199,7 @@ def _fetch_once(
         have = 0
     if size is not None and have == size and part.exists():
         return
-    with _request(url, part, have, token=token, denied=denied, timeout=timeout) as resp:
+    with _request(url, part, have, token=token, hints=hints, timeout=timeout) as resp:
         have, mode, total = _resume_point(resp, url, part, have, size)
         expected_total = total if total is not None else size
         bar = _progress_bar(part.name, expected_total, have, progress)
@@ -151,7 +211,7 @@ def _fetch_once(
         raise _Interrupted(written, f"connection closed at {written:,} of {expected_total:,} bytes")
 
 
-def _request(url: str, part: Path, have: int, *, token: str | None, denied: str, timeout: float):
+def _request(url: str, part: Path, have: int, *, token: str | None, hints: Hints, timeout: float):
     """Open `url` from byte `have`; HTTP and network errors become a UserError (permanent)
     or `_Interrupted` (worth a retry)."""
     req = urllib.request.Request(
@@ -165,16 +225,14 @@ def _request(url: str, part: Path, have: int, *, token: str | None, denied: str,
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise UserError(f"{url}: HTTP {e.code} {denied}") from None
+            raise UserError(f"{url}: HTTP {e.code} {hints.denied}") from None
         if e.code == 416 and have:  # our partial file is at least as long as the server's file
             part.unlink()
             raise _Interrupted(
                 0, "server refused the resume range; restarting from scratch"
             ) from None
         if e.code == 404:
-            raise UserError(
-                f"{url}: HTTP 404 not found (pass the right archive with --url)"
-            ) from None
+            raise UserError(f"{url}: HTTP 404 not found ({hints.not_found})") from None
         if e.code >= 500:
             raise _Interrupted(have, f"HTTP {e.code}") from None
         raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
@@ -182,9 +240,7 @@ def _request(url: str, part: Path, have: int, *, token: str | None, denied: str,
         reason = getattr(e, "reason", e)
         if isinstance(reason, _TRANSIENT):
             raise _Interrupted(have, f"{type(reason).__name__}") from None
-        raise UserError(
-            f"cannot reach {url} ({reason}); check the network or pass another --url"
-        ) from None
+        raise UserError(f"cannot reach {url} ({reason}); {hints.unreachable}") from None
 
 
 def _resume_point(resp, url: str, part: Path, have: int, size: int | None):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sashimi.data.archive import MARKER, unpack
-from sashimi.data.fetch import fetch, hf_token
+from sashimi.data.fetch import Hints, fetch, hf_token
 from sashimi.errors import UserError
 from sashimi.io import recover_dir, write_json
 
@@ -198,6 +198,17 @@ def _git_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hints(token: str | None) -> Hints:
+    """What a failed release file request tells the user: HF_TOKEN and HF_ENDPOINT, not --url."""
+    have = "the token found was refused" if token else "no Hugging Face token found"
+    return Hints(
+        denied=f"({have}); set HF_TOKEN or run `huggingface-cli login`",
+        not_found=f"listed but not served by {endpoint()}; run again, or set HF_ENDPOINT to a "
+        f"complete mirror of {REPO}",
+        unreachable="check the network, or set HF_ENDPOINT to a mirror",
+    )
+
+
 def _fetch_entry(e: Entry, root: Path, retries: int, token: str | None, progress: bool) -> str:
     """Fetch one listed file into place (a zip: extract it). Returns 'fetched' or 'kept'."""
     dest = root / e.path
@@ -213,8 +224,8 @@ def _fetch_entry(e: Entry, root: Path, retries: int, token: str | None, progress
     staged = root / ".downloads" / e.path  # a zip fetched earlier but not yet extracted stays
     url = file_url(e.path)
     if not (staged.is_file() and staged.stat().st_size == e.size):
-        fetch(url, staged, size=e.size, sha256=e.sha256, token=token, retries=retries,
-              progress=progress and e.size >= BIG)  # fmt: skip
+        fetch(url, staged, size=e.size, sha256=e.sha256, token=token, hints=_hints(token),
+              retries=retries, progress=progress and e.size >= BIG)  # fmt: skip
     if e.git_sha1 is not None and _git_sha1(staged) != e.git_sha1:
         staged.unlink()
         raise UserError(
