@@ -283,3 +283,15 @@ def test_weight_decay_0_01_would_fail_the_trajectory(train_fx, sc09_tc):
     ref = train_fx["loss_fp64"].tolist()
     assert _rel(losses[0], ref[0]) < 1e-9  # same start
     assert _rel(loss1, ref[1]) > 1e-8  # measured 5.8e-7
+
+
+def test_nll_sum_keeps_the_logits_precision_and_never_sums_below_float32():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 256, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 256, (3, 50), generator=g)
+    y[0, :7] = -100  # padding is not counted
+    want = -logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0][y >= 0].sum()
+    got = nll_sum(logits, y)
+    assert got.dtype == torch.float64 and abs(float(got - want)) < 1e-10 * float(want)
+    assert nll_sum(logits.float(), y).dtype == torch.float32
+    assert nll_sum(logits.bfloat16(), y).dtype == torch.float32

@@ -40,11 +40,13 @@ def n_targets(y: torch.Tensor) -> int:
 def nll_sum(
     logits: torch.Tensor,
     y: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Sum over non-padding targets of -log p(y) in nats, computed in `dtype`.
-    logits: (..., 256), y: (...). `chunk` bounds the rows cast to `dtype` at once (float64 NLL)."""
+    """Sum over non-padding targets of -log p(y) in nats, computed in `dtype` (default: the
+    logits' precision, at least float32, so bf16 logits are not summed in bf16 and float64
+    runs stay float64). logits: (..., 256), y: (...). `chunk` bounds the rows cast at once."""
+    dtype = dtype or torch.promote_types(logits.dtype, torch.float32)
     logits, y = logits.flatten(0, -2), y.flatten()  # (N, 256), (N,)
     step = chunk or max(1, y.numel())
     total = logits.new_zeros((), dtype=dtype)
