@@ -263,28 +263,27 @@ def test_synthetic_through_cli(tmp_path):
     assert _manifest(tmp_path / "p")["splits"]["train"] == {"clips": 2, "samples": 16000}
 
 
-def test_prepare_by_params_key(tmp_path, monkeypatch):
+def test_prepare_by_params_key(tmp_path, monkeypatch, capsys):
+    """`--key` prepares a dataset exactly as params.yaml describes it; its options are not flags."""
+    import yaml
+
     from sashimi.cli import main
 
-    params = Path(__file__).resolve().parents[1] / "params.yaml"
-    if not params.is_file():
-        pytest.skip("params.yaml missing")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["datasets"]["sc09"]["demo"]["options"]["n_clips"] = 10
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
     monkeypatch.delenv("SASHIMI_SCALE", raising=False)
     out = tmp_path / "sc09"
-    argv = [
-        "--params",
-        str(params),
-        "prepare",
-        "--key",
-        "sc09",
-        "--n-clips",
-        "10",
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
+    assert main(["--params", str(params), "prepare", "--key", "sc09", "--out", str(out)]) == 0
     m = _manifest(out)
     assert m["dataset"] == "sc09" and m["format"] in P.DATASETS
+    assert sum(s["clips"] for s in m["splits"].values()) == 10
+    argv = ["--params", str(params), "prepare", "--key", "sc09", "--n-clips", "5"]
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: --n-clips: with --key set datasets.sc09.options.n_clips in {params}"
+    assert not (tmp_path / "again").exists()
     assert main(["--params", str(params), "prepare", "--key", "no-such-dataset"]) == 2
 
 

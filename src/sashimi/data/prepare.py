@@ -531,10 +531,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="decoding threads (default min(8, CPUs))"
     )
     p.add_argument(
-        "--n-clips", type=int, default=None, help="synth-*: clips (digits 2000, piano 64)"
+        "--n-clips", type=int, default=None, help="--dataset synth-*: clips (digits 2000, piano 64)"
     )
-    p.add_argument("--seed", type=int, default=None, help="synth-*: generator seed (default 0)")
-    p.add_argument("--seconds", type=float, default=None, help="synth-piano: seconds per clip (8)")
+    p.add_argument("--seed", type=int, default=None, help="--dataset synth-*: seed (default 0)")
+    p.add_argument("--seconds", type=float, default=None, help="--dataset synth-piano: clip s (8)")
 
 
 OPTION_KEYS = {"n_clips", "seed", "seconds"}
@@ -552,8 +552,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{P.path}: datasets.{ds.key}.options.{sorted(unknown)[0]}: unknown option"
             )
-        for k, v in ds.options.items():  # command-line values win over params.yaml
-            kwargs[k] = v if kwargs[k] is None else kwargs[k]
+        given = sorted(k for k, v in kwargs.items() if v is not None)
+        if given:  # a params dataset is configured in params.yaml only
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(
+                f"{flag}: with --key set datasets.{ds.key}.options.{given[0]} in {P.path}"
+            )
+        kwargs.update(ds.options)
         fmt, key, sr = ds.format, ds.key, ds.sample_rate
         source = args.source or (ds.raw_dir if fmt in FILE_DATASETS else None)
         out = args.out or ds.prepared_dir
