@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from sashimi import compiling
 from sashimi.errors import UserError
-
-SAMPLE_RATE = 16000
+from sashimi.io import SAMPLE_RATE
 
 # Paper-size constructor kwargs per registered model (None: the class defaults are the paper's).
 PAPER_KWARGS: dict[str, dict] = {

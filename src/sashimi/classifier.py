@@ -25,9 +25,9 @@ import torchaudio
 from torch import nn
 
 from sashimi.errors import UserError
+from sashimi.io import SAMPLE_RATE
 from sashimi.released_classifier import convert_state_dict, read_released
 
-SAMPLE_RATE = 16000
 CLIP_LENGTH = 16000  # 1 s
 N_FFT = 2048
 HOP_LENGTH = 512

@@ -15,6 +15,8 @@ import numpy as np
 
 from sashimi.errors import UserError
 
+SAMPLE_RATE = 16000  # every clip, real or generated, is 16 kHz (SPEC: datasets are resampled)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -81,7 +83,7 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return audio.mean(axis=1).astype(np.float32), int(sr)  # (L, C) -> (L,)
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> None:
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
     """Write float audio in [-1, 1] as 16-bit PCM wav, atomically."""
     import soundfile as sf
 

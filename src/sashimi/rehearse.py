@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sashimi.errors import UserError
-from sashimi.rehearse_phases import SAMPLE_RATE, run_phase
+from sashimi.io import SAMPLE_RATE
+from sashimi.rehearse_phases import run_phase
 from sashimi.rehearse_table import TABLE, passed_rows, write_table
 
 DEFAULT_MAX_TOKENS = 16000  # CPU training batch cap in samples per step: one SC09 clip

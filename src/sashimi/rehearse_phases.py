@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from sashimi.errors import UserError
+from sashimi.io import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 SAMPLE_STEPS = 256  # recurrent sampling steps of an autoregressive run
 DIFFUSION_STEPS = 2  # denoising steps of a diffusion run (fast sampler)
 DIFFUSION_CLIPS = 2  # clips per diffusion sampling rehearsal (FID needs two)

@@ -38,9 +38,8 @@ from sashimi.ar_sampling import (  # noqa: F401  (the sampling primitives are pu
     top_p_filter,
 )
 from sashimi.errors import UserError
-from sashimi.io import atomic_write, read_json, write_json, write_wav
+from sashimi.io import SAMPLE_RATE, atomic_write, read_json, write_json, write_wav
 
-SAMPLE_RATE = 16000
 LN2 = math.log(2.0)
 # loglik.csv; bits_per_sample = -loglik_nats / (generated samples * ln 2)
 CSV_FIELDS = ("name", "loglik_nats", "bits_per_sample")

@@ -27,12 +27,12 @@ import torch
 
 from sashimi import compiling
 from sashimi.errors import UserError
+from sashimi.io import SAMPLE_RATE
 
 KINDS = ("sashimi", "wavenet", "samplernn", "diffwave")
 LABELS = {"sashimi": "SaShiMi", "wavenet": "WaveNet", "samplernn": "SampleRNN",
           "diffwave": "DiffWave"}  # fmt: skip
 NOT_CONFIRMED = "not confirmed"
-SAMPLE_RATE = 16000
 
 
 def _bench(*argv: object) -> dict:

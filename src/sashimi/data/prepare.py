@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from sashimi.errors import UserError
-from sashimi.io import read_audio, recover_dir, replace_dir, write_json
+from sashimi.io import SAMPLE_RATE, read_audio, recover_dir, replace_dir, write_json
 
-SAMPLE_RATE = 16_000
 SPLITS = ("train", "validation", "test")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}

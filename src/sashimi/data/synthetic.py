@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SR = 16_000
+from sashimi.io import SAMPLE_RATE as SR
+
 DIGIT_LENGTH = SR  # one second
 N_DIGITS = 10
 
