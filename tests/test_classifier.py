@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT  # tests/ is on sys.path
 from sashimi import classifier as C
 from sashimi import classifier_data as CD
 from sashimi import classifier_train as CT
 from sashimi import sc09_scoring as SC
-from sashimi.config import TrainConfig
+from sashimi.config import TrainConfig, load_params
 from sashimi.errors import UserError
 
 SR = 16000
@@ -23,22 +24,10 @@ TINY = dict(width=0.0625, depth=11)  # 8 stem channels, 64-d features, ~0.1M par
 
 
 def _tc(**kw) -> TrainConfig:
-    """The paper's classifier recipe as a TrainConfig, with `kw` changed."""
-    paper = dict(
-        optimizer="sgd",
-        batch_size=96,
-        lr=1e-2,
-        momentum=0.9,
-        weight_decay=1e-2,
-        scheduler="plateau",
-        patience=5,
-        factor=0.1,
-        max_epochs=70,
-        num_workers=0,
-        augment=True,
-        precise_bn_batches=16,
-    )
-    return TrainConfig(**dict(paper, **kw))
+    """The paper's classifier recipe (params.yaml, paper scale) as a TrainConfig, with `kw`
+    changed; no loader workers in tests."""
+    paper = load_params(ROOT / "params.yaml", scale="paper", check_models=False)
+    return dataclasses.replace(paper.run("classifier-sc09").train, num_workers=0, **kw)
 
 
 # ----------------------------------------------------------------------------- numpy oracle
